@@ -1,0 +1,24 @@
+"""trtquant: PyTorch models to fast, accurate INT8 TensorRT engines.
+
+Data flows one way: descriptor -> quantizer -> calib -> nn -> placement -> export -> engine/bench
+-> cli/service. TensorRT and ONNX Runtime are imported lazily, so ``import trtquant`` works on any
+CPU machine.
+"""
+
+from .calibrate import calibrate, collect_statistics, compute_amax, quantizers
+from .config import QuantConfig
+from .convert import quantize
+from .descriptor import QuantDescriptor
+from .errors import (
+    CacheFileError, CalibrationError, CheckpointError, EngineBuildError, ExportError, QuantizerNotCalibratedError,
+    TensorRTNotAvailableError, TrtQuantError,
+)
+from .quantizer import TensorQuantizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize", "calibrate", "collect_statistics", "compute_amax", "quantizers", "QuantConfig", "QuantDescriptor",
+    "TensorQuantizer", "TrtQuantError", "CalibrationError", "CheckpointError", "CacheFileError", "ExportError",
+    "EngineBuildError", "QuantizerNotCalibratedError", "TensorRTNotAvailableError",
+]

@@ -1,0 +1,146 @@
+"""HistogramCalibrator: a histogram of |x| collected on the tensor's own device.
+
+The range is always a power of two (the smallest one >= max |x| seen so far) split into
+``num_bins`` equal bins. Because ``num_bins / range`` is then a power of two, each value's bin
+``floor(|x| * num_bins / range)`` is computed exactly, and when a later batch grows the range the
+old bins merge exactly (2^k old bins -> 1 new bin). The final histogram therefore depends only on
+the data, not on batch size or order - amax is deterministic - and no host sync is needed per batch.
+The price: between num_bins/2 and num_bins bins lie below the maximum.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .base import Calibrator
+
+_TINY = 2.0 ** -100
+
+
+def _pow2_ceil(m: Tensor) -> Tensor:
+    return torch.exp2(torch.ceil(torch.log2(m.clamp_min(_TINY))))
+
+
+def rebin(hist: Tensor, old_range: Tensor, new_range: Tensor) -> Tensor:
+    """Merge ``hist`` over [0, old_range] into the same number of bins over [0, new_range] (>= old, power-of-two ratio)."""
+    n = hist.numel()
+    ratio = old_range / new_range  # 2^-k, exact
+    idx = (torch.arange(n, device=hist.device, dtype=torch.float32) * ratio).floor_().long()
+    return torch.zeros_like(hist).scatter_add_(0, idx, hist)
+
+
+def _bin_counts(xa: Tensor, n: int, range_: Tensor) -> Tensor:
+    idx = (xa * (n / range_)).to(torch.int32).clamp_(0, n - 1).reshape(-1)
+    if xa.device.type == "cpu":
+        return torch.bincount(idx, minlength=n)
+    # bincount sizes its output from max(idx) (a host sync on CUDA); scatter_add does not.
+    ones = torch.ones((), dtype=torch.int64, device=xa.device).expand(idx.numel())
+    return torch.zeros(n, dtype=torch.int64, device=xa.device).scatter_add_(0, idx.long(), ones)
+
+
+class HistogramCalibrator(Calibrator):
+    """Histogram of |x| with ``num_bins`` bins; amax by percentile, mse or entropy from it."""
+
+    kind = "histogram"
+
+    def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False, num_bins: int = 2048,
+                 skip_zeros: bool = False, ignore_nonfinite: bool = False):
+        if axis is not None:
+            raise ValueError(
+                f"HistogramCalibrator is per-tensor only (axis=None), got axis={axis}; "
+                "use calib_method='max' for per-channel weights"
+            )
+        if num_bins < 16 or num_bins & (num_bins - 1):
+            raise ValueError(f"num_bins must be a power of two >= 16 (exact re-binning), got {num_bins}")
+        super().__init__(num_bits, axis, unsigned, ignore_nonfinite)
+        self._num_bins = num_bins
+        self._skip_zeros = skip_zeros
+        self._hist: Optional[Tensor] = None
+        self._range: Optional[Tensor] = None
+
+    def collect(self, x: Tensor) -> None:
+        xa = x.detach().abs()
+        if xa.dtype != torch.float32:
+            xa = xa.float()
+        if self.ignore_nonfinite:
+            xa = torch.where(torch.isfinite(xa), xa, torch.zeros((), device=xa.device))
+        m = xa.amax()
+        if not self.ignore_nonfinite:
+            self._note_nonfinite(m)
+            # inf/NaN are reported after calibration (no per-batch sync); keep the range finite meanwhile.
+            m = torch.where(torch.isfinite(m), m, torch.zeros((), device=m.device))
+        new_range = _pow2_ceil(m) if self._range is None else torch.maximum(self._range, _pow2_ceil(m))
+        if self._hist is not None:
+            self._hist = rebin(self._hist, self._range, new_range)
+        self._range = new_range
+        counts = _bin_counts(xa, self._num_bins, new_range)
+        if self._skip_zeros:
+            counts[0] -= (xa == 0).sum()
+        self._hist = counts if self._hist is None else self._hist.add_(counts)
+        self.num_batches += 1
+
+    def reset(self) -> None:
+        super().reset()
+        self._hist = None
+        self._range = None
+
+    @property
+    def histogram(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """(counts, edges), trimmed after the last non-empty bin."""
+        if self._hist is None:
+            return None
+        nz = torch.nonzero(self._hist).flatten()
+        last = int(nz[-1]) + 1 if nz.numel() else 1
+        width = self._range / self._num_bins
+        edges = torch.arange(last + 1, device=self._hist.device, dtype=torch.float32) * width
+        return self._hist[:last].clone(), edges
+
+    def compute_amax(self, method: str = "percentile", **kwargs) -> Optional[Tensor]:
+        from .methods import get_method
+
+        h = self.histogram
+        if h is None:
+            return None
+        hist, edges = h
+        fn = get_method(method)
+        if method in ("mse", "entropy"):
+            kwargs.setdefault("num_bits", self._num_bits)
+            kwargs.setdefault("unsigned", self._unsigned)
+        return fn(hist, edges, **kwargs).to(torch.float32)
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        if self._hist is None:
+            return {}
+        return {
+            "hist": self._hist.detach().cpu(),
+            "range": self._range.detach().cpu().reshape(()),
+            "num_batches": torch.tensor(self.num_batches),
+        }
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        self.reset()
+        if "hist" in state:
+            hist = state["hist"]
+            if hist.numel() != self._num_bins:
+                raise ValueError(f"histogram has {hist.numel()} bins, this calibrator uses {self._num_bins}")
+            self._hist = hist.to(torch.int64).clone()
+            self._range = state["range"].to(torch.float32).clone()
+            self.num_batches = int(state.get("num_batches", torch.tensor(1)))
+
+    def all_reduce_(self, group=None) -> None:
+        import torch.distributed as dist
+
+        if self._hist is None:
+            raise RuntimeError("cannot merge an empty HistogramCalibrator across ranks: this rank saw no data")
+        # Agree on the range first, re-bin locally (exact), then sum counts.
+        rng = self._range.clone().reshape(1)
+        dist.all_reduce(rng, op=dist.ReduceOp.MAX, group=group)
+        self._hist = rebin(self._hist, self._range, rng.reshape(()))
+        self._range = rng.reshape(())
+        dist.all_reduce(self._hist, group=group)
+        n = torch.tensor([self.num_batches], dtype=torch.int64, device=self._hist.device)
+        dist.all_reduce(n, group=group)
+        self.num_batches = int(n)

@@ -1,0 +1,175 @@
+"""calibrate(): run data through a quantized model and set every quantizer's amax.
+
+Quantizers go into calibration state for the pass and get their previous state back afterwards,
+also when the data loop raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .calib.max import MaxCalibrator
+from .convert import name_quantizers
+from .errors import CalibrationError
+from .quantizer import TensorQuantizer
+
+logger = logging.getLogger(__name__)
+
+Data = Union[Iterable[Any], Callable[[nn.Module], None]]
+
+
+def quantizers(model: nn.Module) -> Dict[str, TensorQuantizer]:
+    """Every TensorQuantizer of the model by fully qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """Call the model on one batch: a tensor, a dict of kwargs, or an (inputs, labels) tuple/list."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise ValueError("empty batch")
+        # DataLoader convention (inputs, labels): feed the first element only.
+        return model(batch[0])
+    raise TypeError(f"cannot feed a batch of type {type(batch).__name__}: use tensors, tuples, dicts or forward_loop")
+
+
+def _progress(it: Iterable[Any], total: Optional[int], desc: str, show: bool) -> Iterator[Any]:
+    if not show:
+        yield from it
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(it, total=total, desc=desc, leave=False, unit="batch")
+
+
+@contextlib.contextmanager
+def calibration_mode(model: nn.Module, ignore_nonfinite: bool = False) -> Iterator[Dict[str, TensorQuantizer]]:
+    """Enabled quantizers collect (and do not quantize); states and train/eval mode restored on exit."""
+    qs = {n: q for n, q in quantizers(model).items() if q.is_enabled}
+    saved = {n: q.get_state() for n, q in qs.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for q in qs.values():
+            if q._calibrator is None:
+                continue
+            q._calibrator.reset()
+            q._calibrator.ignore_nonfinite = ignore_nonfinite
+            q.disable_quant()
+            q.enable_calib()
+        yield qs
+    finally:
+        for n, q in qs.items():
+            q.set_state(saved[n])
+        model.train(was_training)
+
+
+def collect_statistics(model: nn.Module, data: Data, num_batches: Optional[int] = None, progress: bool = True,
+                       ignore_nonfinite: bool = False) -> Dict[str, TensorQuantizer]:
+    """Run the data through the model in calibration state; returns the quantizers that collected."""
+    name_quantizers(model)
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
+    device = _model_device(model)
+    with calibration_mode(model, ignore_nonfinite) as qs, torch.no_grad():
+        if not qs:
+            raise CalibrationError("the model has no enabled quantizers: call trtquant.quantize(model) first")
+        if callable(data) and not hasattr(data, "__iter__"):
+            data(model)
+        else:
+            total = num_batches
+            if total is None and hasattr(data, "__len__"):
+                total = len(data)  # type: ignore[arg-type]
+            seen = 0
+            for batch in _progress(data, total, "calibrate", progress):
+                run_batch(model, _to_device(batch, device))
+                seen += 1
+                if num_batches is not None and seen >= num_batches:
+                    break
+            if seen == 0:
+                raise CalibrationError("the calibration data yielded no batches")
+    return qs
+
+
+def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = True, **method_kwargs: Any) -> None:
+    """Set amax of every collected quantizer: histogram ones by ``method``, max ones by max."""
+    name_quantizers(model)
+    empty: List[str] = []
+    nonfinite: List[str] = []
+    for name, q in quantizers(model).items():
+        cal = q._calibrator
+        if cal is None or not q.is_enabled:
+            continue
+        if cal.num_batches == 0:
+            empty.append(name)
+            continue
+        if cal.saw_nonfinite():
+            nonfinite.append(name)
+            continue
+        if isinstance(cal, MaxCalibrator):
+            q.load_calib_amax("max")
+        else:
+            q.load_calib_amax(method, **method_kwargs)
+    if nonfinite:
+        raise CalibrationError(
+            f"NaN or inf activations reached {len(nonfinite)} quantizer(s): {', '.join(nonfinite)}; "
+            "fix the data or model, or calibrate with ignore_nonfinite=True to skip such values"
+        )
+    if empty and strict:
+        raise CalibrationError(
+            f"{len(empty)} quantizer(s) saw no data during calibration: {', '.join(empty)}. Their layers never "
+            "ran on the calibration data (unused branch? wrong inputs?); disable them, or pass strict=False "
+            "to leave them uncalibrated"
+        )
+    for name in empty:
+        logger.warning("%s saw no data; amax left unset", name)
+
+
+def calibrate(model: nn.Module, data: Data, num_batches: Optional[int] = None, method: str = "entropy",
+              progress: bool = True, strict: bool = True, ignore_nonfinite: bool = False,
+              **method_kwargs: Any) -> nn.Module:
+    """Calibrate every enabled quantizer of ``model`` and return it.
+
+    Args:
+        data: a DataLoader or any iterable of tensors / (inputs, labels) / kwargs dicts, or a
+            ``forward_loop(model)`` callable that runs the model itself.
+        num_batches: stop after this many batches (None = all).
+        method: amax method for histogram quantizers: entropy, mse, percentile or max
+            (max-calibrated quantizers, e.g. weights, always use max).
+        strict: raise if any quantizer saw no data.
+        ignore_nonfinite: skip NaN/inf activations instead of raising.
+        method_kwargs: e.g. ``percentile=99.99``.
+    """
+    from .calib.methods import get_method
+
+    get_method(method)  # fail on a misspelt method before running any data
+    collect_statistics(model, data, num_batches, progress, ignore_nonfinite)
+    compute_amax(model, method, strict=strict, **method_kwargs)
+    return model

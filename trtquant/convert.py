@@ -1,0 +1,150 @@
+"""quantize(): swap supported layers of an existing model for quantized twins, in place.
+
+No global patching; the new layers share the float layers' parameter objects, so optimizers,
+state-dict keys and float checkpoints keep working.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+from .config import QuantConfig
+from .nn.base import QuantInputMixin, QuantMixin
+from .nn.registry import QUANT_MODULE_MAP
+from .quantizer import TensorQuantizer
+
+logger = logging.getLogger(__name__)
+
+Selector = Union[str, type]
+
+
+def _as_list(sel: Union[None, Selector, Sequence[Selector]]) -> Optional[List[Selector]]:
+    if sel is None:
+        return None
+    if isinstance(sel, (str, type)):
+        return [sel]
+    out = list(sel)
+    for s in out:
+        if not isinstance(s, (str, type)):
+            raise TypeError(f"include/exclude entries must be module-name globs or module types, got {s!r}")
+    return out
+
+
+def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> bool:
+    for s in selectors:
+        if isinstance(s, type):
+            if isinstance(module, s):
+                return True
+        elif fnmatch.fnmatchcase(name, s):
+            return True
+    return False
+
+
+def name_quantizers(model: nn.Module) -> None:
+    """Give every TensorQuantizer its fully qualified name, used in every error and report."""
+    for name, m in model.named_modules():
+        if isinstance(m, TensorQuantizer):
+            m.name = name or "quantizer"
+
+
+def _float_type(module: nn.Module) -> Optional[type]:
+    for float_t in type(module).__mro__:
+        if float_t in QUANT_MODULE_MAP:
+            return float_t
+    return None
+
+
+def quantize(
+    model: nn.Module,
+    config: Union[QuantConfig, dict, None] = None,
+    include: Union[None, Selector, Sequence[Selector]] = None,
+    exclude: Union[None, Selector, Sequence[Selector]] = None,
+    placement: Optional[str] = "trt",
+) -> nn.Module:
+    """Quantize ``model`` in place and return it.
+
+    Args:
+        model: any nn.Module (torchvision or your own); its code is not edited.
+        config: QuantConfig (or dict) with input/weight descriptors and per-name overrides.
+        include: module-name globs (``"layer1.*"``, ``"conv1"``) and/or module types; only these
+            are quantized. None = every supported layer.
+        exclude: globs/types to leave in float, applied after ``include``.
+        placement: ``"trt"`` adds the quantizers TensorRT needs to fuse INT8 end to end (residual
+            Add identity inputs, shared Concat amax, AvgPool inputs; traced with torch.fx) and
+            disables those it would not fuse; None swaps layers only.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    cfg = QuantConfig.coerce(config)
+    inc, exc = _as_list(include), _as_list(exclude)
+    if placement not in (None, "trt"):
+        raise ValueError(f"placement must be 'trt' or None, got {placement!r}")
+
+    targets: List[Tuple[str, nn.Module, type]] = []
+    unsupported: List[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantInputMixin, TensorQuantizer)):
+            continue
+        selected = inc is None or _matches(name, module, inc)
+        if not selected or (exc is not None and _matches(name, module, exc)):
+            continue
+        float_t = _float_type(module)
+        if float_t is None:
+            if inc is not None and name and not list(module.children()) and _matches(name, module, inc):
+                unsupported.append(f"{name} ({type(module).__name__})")
+            continue
+        if type(module) is not float_t:
+            logger.info("%s is a subclass %s of %s; quantizing it as %s", name, type(module).__name__,
+                        float_t.__name__, float_t.__name__)
+        targets.append((name, module, QUANT_MODULE_MAP[float_t]))
+
+    if unsupported:
+        supported = ", ".join(sorted(t.__name__ for t in QUANT_MODULE_MAP))
+        raise ValueError(
+            f"include selects layers trtquant cannot quantize: {', '.join(unsupported)}. Supported: {supported}; "
+            "register others with trtquant.nn.register(FloatType, QuantType)"
+        )
+    if inc is not None and not targets:
+        sample = [n for n, _ in model.named_modules() if n][:8]
+        raise ValueError(
+            f"include={inc!r} matched no quantizable layer (module names look like {sample}); "
+            "use fnmatch globs on names from model.named_modules(), or module types"
+        )
+
+    for name, module, quant_cls in targets:
+        descs = _descriptors_for(name, cfg, quant_cls)
+        new = quant_cls.from_float(module, **descs)
+        if isinstance(module, nn.Module) and module.training != new.training:
+            new.train(module.training)
+        _set_submodule(model, name, new)
+    if placement == "trt" and targets:
+        from .placement import apply_trt_placement
+
+        apply_trt_placement(model, cfg)
+    name_quantizers(model)
+    return model
+
+
+def _descriptors_for(name: str, cfg: QuantConfig, quant_cls: type) -> dict:
+    descs = {"quant_desc_input": cfg.input}
+    if issubclass(quant_cls, QuantMixin):
+        descs["quant_desc_weight"] = cfg.weight  # None -> the class's per-channel default
+    for pattern, override in cfg.overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            if "input" in override:
+                descs["quant_desc_input"] = override["input"]
+            if "weight" in override and "quant_desc_weight" in descs:
+                descs["quant_desc_weight"] = override["weight"]
+    return descs
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("the model itself is a single layer; wrap it in nn.Sequential to quantize it")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

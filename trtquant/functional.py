@@ -1,0 +1,151 @@
+"""Fake quantization with ONNX QuantizeLinear/DequantizeLinear numerics and a straight-through gradient.
+
+Exactness matters more than it looks: ``scale = amax / bound`` in float32, ``x / scale`` (a true
+division, as ONNX Runtime and TensorRT do; torch's native fake-quant multiplies by ``1/scale`` and
+flips about 2 codes per million), round half to even, saturate, multiply back. One rounding flip in
+an early layer is enough to change a deep network's output after export.
+
+The op is registered as ``torch.ops.trtquant.fake_quant`` so that torch.export/dynamo see one node
+with a fake (meta) implementation - dynamic batch export works - and the ONNX exporters can map it
+to a QuantizeLinear -> DequantizeLinear pair.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "quant_bounds",
+    "amax_to_scale",
+    "fake_quant",
+    "quantize",
+    "fake_tensor_quant",
+    "tensor_quant",
+]
+
+
+def quant_bounds(num_bits: int = 8, unsigned: bool = False, narrow_range: bool = False) -> Tuple[int, int, int]:
+    """(qmin, qmax, bound): integer range and the code that amax maps to."""
+    if unsigned:
+        bound = (1 << num_bits) - 1
+        return 0, bound, bound
+    bound = (1 << (num_bits - 1)) - 1
+    return (-bound if narrow_range else -bound - 1), bound, bound
+
+
+def amax_to_scale(amax: Tensor, bound: int) -> Tensor:
+    """float32 scale = amax / bound; amax 0 (a dead channel) gets scale 1.0, as TensorRT exporters do."""
+    amax32 = amax.detach().to(torch.float32)
+    scale = amax32 / bound
+    return torch.where(amax32 > 0, scale, torch.ones_like(scale))
+
+
+def _qdq_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    if x.dtype != torch.float32:
+        return _qdq_forward(x.float(), scale, qmin, qmax).to(x.dtype)
+    # One allocation, in-place passes; division (not reciprocal multiply) keeps ONNX parity.
+    return torch.div(x, scale).round_().clamp_(qmin, qmax).mul_(scale)
+
+
+@torch.library.custom_op("trtquant::fake_quant", mutates_args=())
+def _fake_quant_op(x: Tensor, amax: Tensor, qmin: int, qmax: int, bound: int) -> Tensor:
+    return _qdq_forward(x, amax_to_scale(amax, bound), qmin, qmax)
+
+
+@_fake_quant_op.register_fake
+def _(x: Tensor, amax: Tensor, qmin: int, qmax: int, bound: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, amax, qmin, qmax, bound = inputs
+    ctx.save_for_backward(x, amax)
+    ctx.qmin, ctx.qmax, ctx.bound = qmin, qmax, bound
+
+
+def _backward(ctx, grad_out: Tensor):
+    x, amax = ctx.saved_tensors
+    grad_x = grad_amax = None
+    amax32 = amax.to(torch.float32)
+    if ctx.needs_input_grad[0]:
+        # Straight-through estimator: gradient 1 inside [-amax, amax], 0 where the value was clipped.
+        grad_x = grad_out * (x.abs() <= amax32).to(grad_out.dtype)
+    if ctx.needs_input_grad[1]:
+        # LSQ-style gradient of the dequantized value with respect to amax.
+        scale = amax_to_scale(amax, ctx.bound)
+        xs = x.float() / scale
+        q = torch.round(xs)
+        inside = (q >= ctx.qmin) & (q <= ctx.qmax)
+        dq = torch.where(inside, q - xs, q.clamp(ctx.qmin, ctx.qmax)) / ctx.bound
+        g = grad_out.float() * dq
+        if amax.dim() == 0:
+            grad_amax = g.sum()
+        else:
+            dims = [d for d in range(g.dim()) if amax.shape[d] == 1 and g.shape[d] != 1] if amax.dim() == g.dim() else list(range(g.dim()))
+            grad_amax = g.sum(dim=dims, keepdim=True).reshape(amax.shape)
+        grad_amax = grad_amax.to(amax.dtype)
+    return grad_x, grad_amax, None, None, None
+
+
+_fake_quant_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fake_quant(
+    x: Tensor, amax: Tensor, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = False
+) -> Tensor:
+    """Quantize-dequantize ``x`` with ``amax`` (0-d for per-tensor, broadcastable for per-channel)."""
+    qmin, qmax, bound = quant_bounds(num_bits, unsigned, narrow_range)
+    if not isinstance(amax, Tensor):
+        amax = torch.tensor(float(amax), device=x.device)
+    return _fake_quant_op(x, amax, qmin, qmax, bound)
+
+
+def quantize(
+    x: Tensor, amax: Tensor, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = False
+) -> Tuple[Tensor, Tensor]:
+    """Integer codes (as float tensor, like pytorch-quantization) and the float32 scale."""
+    qmin, qmax, bound = quant_bounds(num_bits, unsigned, narrow_range)
+    if not isinstance(amax, Tensor):
+        amax = torch.tensor(float(amax), device=x.device)
+    scale = amax_to_scale(amax, bound)
+    return torch.div(x.float(), scale).round_().clamp_(qmin, qmax), scale
+
+
+class _FakeTensorQuantFunction(torch.autograd.Function):
+    """pytorch-quantization's ``fake_tensor_quant.apply(inputs, amax, num_bits, unsigned, narrow_range)``."""
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor, amax: Tensor, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True):
+        ctx.save_for_backward(inputs, amax)
+        with torch.no_grad():
+            return fake_quant(inputs, amax, num_bits, unsigned, narrow_range)
+
+    @staticmethod
+    def backward(ctx, grad_outputs: Tensor):
+        inputs, amax = ctx.saved_tensors
+        mask = inputs.abs() <= amax.to(inputs.dtype)
+        return grad_outputs * mask.to(grad_outputs.dtype), None, None, None, None
+
+
+class _TensorQuantFunction(torch.autograd.Function):
+    """pytorch-quantization's ``tensor_quant.apply(inputs, amax, ...)`` -> (codes, scale) with STE."""
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor, amax: Tensor, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True):
+        ctx.save_for_backward(inputs, amax)
+        codes, scale = quantize(inputs, amax, num_bits, unsigned, narrow_range)
+        # pytorch-quantization returns the scale as codes-per-unit (bound / amax).
+        return codes, 1.0 / scale
+
+    @staticmethod
+    def backward(ctx, grad_outputs: Tensor, grad_scale: Optional[Tensor]):
+        inputs, amax = ctx.saved_tensors
+        mask = inputs.abs() <= amax.to(inputs.dtype)
+        return grad_outputs * mask.to(grad_outputs.dtype), None, None, None, None
+
+
+fake_tensor_quant = _FakeTensorQuantFunction.apply
+tensor_quant = _TensorQuantFunction.apply
