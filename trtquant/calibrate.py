@@ -115,7 +115,43 @@ def collect_statistics(model: nn.Module, data: Data, num_batches: Optional[int] 
                     break
             if seen == 0:
                 raise CalibrationError("the calibration data yielded no batches")
+        if _distributed():
+            merge_across_ranks(qs)
     return qs
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def merge_across_ranks(qs: Dict[str, TensorQuantizer], group: Any = None) -> None:
+    """Merge every calibrator over the process group: maxima by MAX; histograms agree on range, then sum.
+
+    Every rank must hold the same quantizers (same model); the result equals single-process
+    calibration on the union of all ranks' data.
+    """
+    import torch.distributed as dist
+
+    names = sorted(qs)
+    # Ranks that saw no data for a quantizer still take part, with an empty contribution.
+    seen = torch.tensor([1 if qs[n]._calibrator is not None and qs[n]._calibrator.num_batches else 0 for n in names],
+                        dtype=torch.int64)
+    flags = seen.clone()
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+    any_seen = seen.clone()
+    dist.all_reduce(any_seen, op=dist.ReduceOp.MAX, group=group)
+    for i, n in enumerate(names):
+        cal = qs[n]._calibrator
+        if cal is None or not bool(any_seen[i]):
+            continue
+        if not bool(flags[i]):
+            raise CalibrationError(
+                f"{n} saw data on some ranks but not on this one (rank {dist.get_rank()}); give every rank at least "
+                "one batch that reaches every layer"
+            )
+        cal.all_reduce_(group)
 
 
 def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = True, **method_kwargs: Any) -> None:
