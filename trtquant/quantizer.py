@@ -19,7 +19,7 @@ from .calib.histogram import HistogramCalibrator
 from .calib.max import MaxCalibrator
 from .descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
 from .errors import CalibrationError, QuantizerNotCalibratedError
-from .functional import fake_quant, quant_bounds, quantize
+from .functional import amax_to_scale, fake_quant, quant_bounds, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class TensorQuantizer(nn.Module):
         if quant_desc.amax is not None:
             self.amax = torch.tensor(float(quant_desc.amax))
         self._calibrator: Optional[Calibrator] = self._make_calibrator()
+        # (scale, zero_point, axis, qmin, qmax, float dtype) while exporting to ONNX, else None.
+        self._export: Optional[tuple] = None
 
     # -- descriptor views ---------------------------------------------------------------------
     @property
@@ -192,17 +194,44 @@ class TensorQuantizer(nn.Module):
         self.amax = amax
 
     # -- forward --------------------------------------------------------------------------------
+    def export_constants(self, scale_dtype: torch.dtype = torch.float32) -> tuple:
+        """(scale, zero_point, axis) as ONNX QuantizeLinear takes them: scale = amax/bound, 1-D per channel."""
+        amax = self.amax
+        if amax is None:
+            raise QuantizerNotCalibratedError(
+                f"{self._label()} has no amax and cannot be exported: run calibration or load a calibrated checkpoint"
+            )
+        qmin, qmax, bound = quant_bounds(self.num_bits, self.unsigned, self.narrow_range)
+        scale = amax_to_scale(amax, bound)
+        axis = -1  # per tensor
+        if self.quant_desc.per_channel:
+            axis = self.quant_desc.channel_axis
+            scale = scale.reshape(-1)
+        else:
+            scale = scale.reshape(())
+        zp_dtype = torch.uint8 if self.unsigned else torch.int8
+        return scale.detach().to(scale_dtype).clone(), torch.zeros(scale.shape, dtype=zp_dtype), axis
+
     def forward(self, x: Tensor) -> Tensor:
         if self._disabled:
             return x
+        if self._export is not None:
+            from .export.qdq_op import qdq
+
+            scale, zp, axis, qmin, qmax, compute_dtype = self._export
+            if axis < -1 or (axis == -1 and scale.dim() == 1):
+                axis += x.dim()
+            if compute_dtype is not None and x.dtype != compute_dtype:
+                return qdq(x.to(compute_dtype), scale, zp, axis, qmin, qmax).to(x.dtype)
+            return qdq(x, scale, zp, axis, qmin, qmax)
         if self._if_calib:
             self._calibrator.collect(x)
         if self._if_quant:
             amax = self.amax
             if amax is None:
                 raise QuantizerNotCalibratedError(
-                    f"{self._label()} must quantize but has no amax: run calibration "
-                    "(trtquant.calibrate) or load a calibrated checkpoint"
+                    f"{self._label()} must quantize but has no amax: run calibration or load a calibrated "
+                    "checkpoint (trtquant.calibrate(model, data) or model.load_state_dict(calibrated_state))"
                 )
             if self._if_clip:
                 x = torch.minimum(torch.maximum(x, -amax), amax)

@@ -77,7 +77,7 @@ class QuantMixin(QuantInputMixin):
         """The weight as the layer uses it: fake-quantized, from the cache when nothing changed."""
         w = self.weight
         wq = self.weight_quantizer
-        if wq._if_calib or (torch.is_grad_enabled() and (w.requires_grad or wq.learn_amax)) or not wq.is_enabled:
+        if wq._if_calib or wq._export is not None or (torch.is_grad_enabled() and (w.requires_grad or wq.learn_amax)) or not wq.is_enabled:
             self._wq_cache = None
             return wq(w)
         amax = wq.amax
