@@ -74,3 +74,76 @@ def fold_weight_quantize(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     return folded
+
+
+def dedupe_qdq(model: onnx.ModelProto) -> int:
+    """Merge Q->DQ pairs that quantize the same tensor with the same scale, zero point and axis.
+
+    Two quantizers reading one tensor (a conv input and a residual identity, say) calibrate to the
+    same amax; the TorchScript exporter still writes two pairs, which TensorRT treats as
+    per-consumer scales. One shared pair is what it fuses.
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: Dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    seen: Dict[tuple, onnx.NodeProto] = {}
+    rename: Dict[str, str] = {}
+    drop = set()
+    for n in graph.node:
+        if n.op_type != "QuantizeLinear":
+            continue
+        dqs = consumers.get(n.output[0], [])
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+            continue
+        scale = _constant_value(model, n.input[1])
+        zp = _constant_value(model, n.input[2]) if len(n.input) > 2 else None
+        if scale is None:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), None)
+        key = (n.input[0], scale.dtype.str, scale.tobytes(), None if zp is None else (zp.dtype.str, zp.tobytes()), axis)
+        if key in seen:
+            rename[dqs[0].output[0]] = consumers[seen[key].output[0]][0].output[0]
+            drop.update({id(n), id(dqs[0])})
+        else:
+            seen[key] = n
+    if not rename:
+        return 0
+    keep = [n for n in graph.node if id(n) not in drop]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    for o in graph.output:
+        if o.name in rename:  # never happens for Q/DQ feeding layers; keep graph outputs intact
+            return 0
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(rename)
+
+
+def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
+    """ReduceMean over the spatial axes of a 4-D tensor (keepdims=1) -> GlobalAveragePool.
+
+    The dynamo exporter lowers adaptive_avg_pool2d(x, 1) to ReduceMean, which TensorRT does not
+    treat as a pooling layer; GlobalAveragePool is the same math and runs in INT8 after a DQ.
+    """
+    changed = 0
+    for n in model.graph.node:
+        if n.op_type != "ReduceMean":
+            continue
+        keep = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
+        axes_attr = next((list(a.ints) for a in n.attribute if a.name == "axes"), None)
+        axes = axes_attr
+        if axes is None and len(n.input) > 1:
+            v = _constant_value(model, n.input[1])
+            axes = None if v is None else [int(a) for a in np.asarray(v).ravel()]
+        if keep != 1 or axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            continue
+        del n.input[1:]
+        del n.attribute[:]
+        n.op_type = "GlobalAveragePool"
+        changed += 1
+    return changed

@@ -141,8 +141,11 @@ def export_onnx(
     except Exception as e:
         raise ExportError(f"torch.onnx export ({exporter}) of {type(model).__name__} failed: {e}") from e
 
-    from .graph_passes import fold_weight_quantize, name_qdq_nodes
+    from .graph_passes import dedupe_qdq, fold_weight_quantize, name_qdq_nodes, reduce_mean_to_global_pool
 
+    dedupe_qdq(proto)
+    if reduce_mean_to_global_pool(proto):
+        _check_ranks_4d(proto)
     name_qdq_nodes(proto)
     if weights == "dq_only":
         fold_weight_quantize(proto)
@@ -152,6 +155,13 @@ def export_onnx(
     atomic_write_bytes(path, data)
     n_qdq = sum(1 for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     return ExportResult(path, opset, exporter, dtype, n_qdq, in_names, out_names)
+
+
+def _check_ranks_4d(proto) -> None:
+    # The rewrite is only valid on 4-D inputs; shape inference confirms it or the pass is wrong.
+    import onnx
+
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(proto))
 
 
 def _at_least_batch2(a: Any) -> Any:

@@ -1,18 +1,253 @@
-"""Placement pass (module-level rules; graph rules arrive with the fx pass)."""
+"""Automatic TensorRT placement with torch.fx, without editing model code.
+
+The model is traced with quantized layers as leaves. Each residual Add gets a quantizer on its
+identity (skip) input only, so Conv+Add(+ReLU) fuses in INT8; functional average pools get an input
+quantizer; quantizers feeding one Concat share one amax; MaxPool quantizers are disabled. New
+quantizers live on the module that owns the Add (e.g. ``layer1.0.residual_quantizer``), whose
+forward is replaced by the rewritten traced graph - only those modules, not the whole model.
+"""
 
 from __future__ import annotations
 
+import logging
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch.fx as fx
 from torch import nn
 
+from ..nn.base import QuantInputMixin, QuantMixin
+from ..nn.pool import QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d
+from ..quantizer import TensorQuantizer
+from . import rules
 
-def apply_trt_placement(model: nn.Module, cfg) -> None:
-    from ..nn.pool import QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d
+logger = logging.getLogger(__name__)
 
-    for m in model.modules():
+_STATE_ATTR = "_trtquant_placement"
+
+
+@dataclass
+class PlacementState:
+    traced: bool = False
+    reason: Optional[str] = None
+    rules: Dict[str, str] = field(default_factory=dict)  # quantizer fqn -> rule
+    amax_groups: List[List[str]] = field(default_factory=list)
+
+
+class _QuantTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantInputMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+
+
+class _LocalTracer(fx.Tracer):
+    """Traces one module's own forward: every child is a leaf, so only its direct ops appear."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _site_kind(n: fx.Node) -> Optional[str]:
+    if _is_add(n):
+        return "add"
+    if n.op == "call_function" and n.target in rules.AVGPOOL_FUNCTIONS:
+        return "pool"
+    return None
+
+
+def _is_add(n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target in rules.ADD_FUNCTIONS:
+        return len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
+    if n.op == "call_method" and n.target in rules.ADD_METHODS:
+        return len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
+    return False
+
+
+def _is_epilogue(n: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if n.op == "call_module":
+        return isinstance(modules.get(str(n.target)), rules.CONV_EPILOGUE_MODULES)
+    if n.op == "call_function":
+        return n.target in rules.CONV_EPILOGUE_FUNCTIONS
+    if n.op == "call_method":
+        return n.target in rules.CONV_EPILOGUE_METHODS
+    return False
+
+
+def _conv_source(n: fx.Node, modules: Dict[str, nn.Module]) -> Optional[fx.Node]:
+    """The weighted-layer node this value comes from through BN/activations only, else None."""
+    while True:
+        if n.op == "call_module" and isinstance(modules.get(str(n.target)), QuantMixin):
+            return n
+        if _is_epilogue(n, modules) and n.args and isinstance(n.args[0], fx.Node):
+            n = n.args[0]
+            continue
+        return None
+
+
+def _ancestors_depth(n: fx.Node) -> Dict[fx.Node, int]:
+    """Shortest number of edges from ``n`` back to each ancestor."""
+    depth = {n: 0}
+    frontier = [n]
+    while frontier:
+        nxt = []
+        for x in frontier:
+            for a in x.all_input_nodes:
+                if a not in depth:
+                    depth[a] = depth[x] + 1
+                    nxt.append(a)
+        frontier = nxt
+    return depth
+
+
+def _identity_index(add: fx.Node, modules: Dict[str, nn.Module]) -> Optional[int]:
+    a, b = add.args[0], add.args[1]
+    ca, cb = _conv_source(a, modules), _conv_source(b, modules)
+    if ca is not None and cb is None:
+        return 1
+    if cb is not None and ca is None:
+        return 0
+    if ca is None and cb is None:
+        return None  # not a residual connection of a conv branch
+    # Both are conv outputs (e.g. a downsample conv on the skip path): the identity is the one with
+    # the shorter path to the lowest common ancestor.
+    da, db = _ancestors_depth(a), _ancestors_depth(b)
+    common = set(da) & set(db)
+    if not common:
+        return None
+    lca = min(common, key=lambda n: da[n] + db[n])
+    return 0 if da[lca] < db[lca] else 1
+
+
+def _owner(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) else list(stack.keys())[-1]
+
+
+def _trace(module: nn.Module) -> fx.Graph:
+    return _QuantTracer().trace(module)
+
+
+def apply_trt_placement(model: nn.Module, cfg) -> PlacementState:
+    """Add/disable quantizers for TensorRT fusion; records a PlacementState on the model."""
+    state = PlacementState()
+    for name, m in model.named_modules():
         if isinstance(m, (QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d)):
-            # MaxPool commutes with Q/DQ: TensorRT moves the scale across it, no quantizer needed.
             m.input_quantizer.disable()
+            state.rules[f"{name}.input_quantizer"] = rules.RULE_MAXPOOL
+    try:
+        graph = _trace(model)
+    except Exception as e:  # untraceable: module-level quantizers stay, graph rules are skipped
+        state.reason = f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        logger.warning("placement: %s; residual/concat/functional-pool rules skipped", state.reason)
+        setattr(model, _STATE_ATTR, state)
+        return state
+    state.traced = True
+    modules = dict(model.named_modules())
+
+    # Sites (Adds, functional pools) per owning module, in execution order; which input to quantize
+    # is decided here, on the whole-model graph, where both branches are visible.
+    sites: Dict[str, List[Tuple[str, Optional[int]]]] = {}
+    for n in graph.nodes:
+        kind = _site_kind(n)
+        if kind is None:
+            continue
+        idx = _identity_index(n, modules) if kind == "add" else 0
+        sites.setdefault(_owner(n), []).append((kind, idx))
+    for owner in sorted(sites, key=lambda s: (-s.count("."), s)):
+        if any(idx is not None for _, idx in sites[owner]):
+            _rewrite_owner(model, owner, sites[owner], cfg, state)
+
+    # Concat: quantizers reading the inputs of one Concat share amax (TensorRT needs one scale).
+    graph = _trace(model)
+    modules = dict(model.named_modules())
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in rules.CAT_FUNCTIONS and n.args:
+            ins = n.args[0] if isinstance(n.args[0], (list, tuple)) else []
+            group = []
+            for inp in ins:
+                if isinstance(inp, fx.Node) and inp.op == "call_module" and isinstance(modules.get(str(inp.target)), TensorQuantizer):
+                    group.append(str(inp.target))
+            if len(group) > 1:
+                state.amax_groups.append(group)
+                for g in group:
+                    state.rules[g] = rules.RULE_CONCAT
+    setattr(model, _STATE_ATTR, state)
+    return state
 
 
-def placement_report(model: nn.Module):
-    raise NotImplementedError
+def _rewrite_owner(model: nn.Module, owner: str, sites: List[Tuple[str, Optional[int]]], cfg,
+                   state: PlacementState) -> None:
+    module = model.get_submodule(owner) if owner else model
+    try:
+        graph = _LocalTracer().trace(module)
+    except Exception as e:
+        logger.warning("placement: cannot trace %s alone (%s); its graph rules are skipped", owner or "model", e)
+        return
+    local = [n for n in graph.nodes if _site_kind(n) is not None]
+    if [_site_kind(n) for n in local] != [k for k, _ in sites]:
+        logger.warning("placement: %s traces differently alone than inside the model; skipped", owner or "model")
+        return
+    changed = False
+    for n, (kind, idx) in zip(local, sites):
+        if idx is None:
+            continue
+        base = "residual_quantizer" if kind == "add" else "pool_quantizer"
+        qname, k = base, 1
+        while hasattr(module, qname):
+            qname, k = f"{base}_{k}", k + 1
+        module.add_module(qname, TensorQuantizer(cfg.input))
+        with graph.inserting_before(n):
+            qnode = graph.call_module(qname, (n.args[idx],))
+        args = list(n.args)
+        args[idx] = qnode
+        n.args = tuple(args)
+        full = f"{owner}.{qname}" if owner else qname
+        state.rules[full] = rules.RULE_RESIDUAL if kind == "add" else rules.RULE_FUNCTIONAL_POOL
+        changed = True
+    if changed:
+        graph.lint()
+        gm = fx.GraphModule(module, graph)
+        # Only this module's own forward is replaced; its children keep their code.
+        module.forward = types.MethodType(type(gm).forward, module)
+
+
+def placement_state(model: nn.Module) -> Optional[PlacementState]:
+    return getattr(model, _STATE_ATTR, None)
+
+
+@dataclass
+class ReportEntry:
+    quantizer: str
+    enabled: bool
+    rule: str
+    amax: Optional[str]
+
+
+def placement_report(model: nn.Module) -> Dict[str, object]:
+    """Each quantizer, whether it is on, and the rule that put it there (plus why graph rules were skipped)."""
+    state = placement_state(model) or PlacementState(reason="placement='trt' was not applied")
+    entries = []
+    for name, m in model.named_modules():
+        if not isinstance(m, TensorQuantizer):
+            continue
+        rule = state.rules.get(name)
+        if rule is None:
+            rule = rules.RULE_WEIGHT if name.endswith("weight_quantizer") else (
+                rules.RULE_POOL_INPUT if "Pool" in type(model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model).__name__
+                else rules.RULE_WEIGHTED_INPUT)
+        if not m.is_enabled and rule != rules.RULE_MAXPOOL:
+            rule = f"{rule}; {rules.RULE_USER_DISABLED}"
+        amax = None if m.amax is None else m.extra_repr().split("amax=")[-1].split(" calib")[0]
+        entries.append(asdict(ReportEntry(name, m.is_enabled, rule, amax)))
+    return {"traced": state.traced, "reason": state.reason, "quantizers": entries,
+            "amax_groups": state.amax_groups}
+
+
+def format_placement_report(report: Dict[str, object]) -> str:
+    lines = [f"graph rules: {'applied' if report['traced'] else 'skipped - ' + str(report['reason'])}",
+             f"{'quantizer':58} {'on':3} rule"]
+    for e in report["quantizers"]:  # type: ignore[union-attr]
+        lines.append(f"{e['quantizer']:58} {'yes' if e['enabled'] else 'no':3} {e['rule']}")
+    return "\n".join(lines)
