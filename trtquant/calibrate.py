@@ -186,6 +186,21 @@ def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = True,
         )
     for name in empty:
         logger.warning("%s saw no data; amax left unset", name)
+    share_group_amax(model)
+
+
+def share_group_amax(model: nn.Module) -> None:
+    """Quantizers placed in one group (the inputs of a Concat) take the group's largest amax."""
+    state = getattr(model, "_trtquant_placement", None)
+    if state is None:
+        return
+    qs = quantizers(model)
+    for group in state.amax_groups:
+        members = [qs[n] for n in group if n in qs and qs[n].amax is not None]
+        if len(members) > 1:
+            top = torch.stack([m.amax.detach().reshape(()) for m in members]).max()
+            for m in members:
+                m.amax = top
 
 
 def calibrate(model: nn.Module, data: Data, num_batches: Optional[int] = None, method: str = "entropy",

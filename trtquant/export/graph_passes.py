@@ -146,4 +146,13 @@ def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
         del n.attribute[:]
         n.op_type = "GlobalAveragePool"
         changed += 1
+    if changed:
+        remove_unused_initializers(model)
     return changed
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
