@@ -1,0 +1,7 @@
+"""Q/DQ ONNX export, TensorRT validator, and ONNX Runtime parity."""
+
+from .checker import CheckReport, Finding, check_onnx
+from .compare import Comparison, compare
+from .onnx import ExportResult, export_mode, export_onnx
+
+__all__ = ["export_onnx", "export_mode", "ExportResult", "check_onnx", "CheckReport", "Finding", "compare", "Comparison"]
