@@ -12,10 +12,14 @@ to a QuantizeLinear -> DequantizeLinear pair.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "quant_bounds",
@@ -43,11 +47,45 @@ def amax_to_scale(amax: Tensor, bound: int) -> Tensor:
     return torch.where(amax32 > 0, scale, torch.ones_like(scale))
 
 
+def _qdq_reference(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The definition, one op at a time: round(x / scale) saturated, times scale, with +0.0 for code 0."""
+    q = torch.round(x / scale).clamp(qmin, qmax)
+    # Code 0 dequantizes to +0.0 in ONNX Runtime/TensorRT (an integer has no signed zero), never -0.0.
+    return torch.where(q == 0, torch.zeros_like(q), q * scale)
+
+
+def _ste_reference(grad: Tensor, x: Tensor, amax: Tensor) -> Tensor:
+    return torch.where(x.abs() <= amax, grad, torch.zeros_like(grad))
+
+
+# Fused single-pass kernels (inductor: vectorised C++ on CPU, Triton on CUDA). The unfused version
+# makes five passes over every activation, which costs more than the convolutions on a CPU.
+_FUSE_MIN_NUMEL = 1 << 16
+_fused: dict = {}
+_fuse_enabled = os.environ.get("TRTQUANT_FUSED_KERNELS", "1") != "0"
+
+
+def _run(name: str, ref, numel: int, *args):
+    """``ref(*args)``, through its compiled twin when the tensor is big enough to matter."""
+    global _fuse_enabled
+    if not _fuse_enabled or numel < _FUSE_MIN_NUMEL or torch.compiler.is_compiling():
+        return ref(*args)
+    fn = _fused.get(name)
+    if fn is None:
+        fn = _fused[name] = torch.compile(ref, dynamic=True, fullgraph=True)
+    try:
+        return fn(*args)
+    except Exception as e:  # no C++ compiler / Triton: stay correct, lose speed, say so once
+        _fuse_enabled = False
+        logger.warning("fused fake-quant kernel unavailable (%s: %s); using the unfused path",
+                       type(e).__name__, str(e).splitlines()[0][:200])
+        return ref(*args)
+
+
 def _qdq_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     if x.dtype != torch.float32:
         return _qdq_forward(x.float(), scale, qmin, qmax).to(x.dtype)
-    # One allocation, in-place passes; division (not reciprocal multiply) keeps ONNX parity.
-    return torch.div(x, scale).round_().clamp_(qmin, qmax).mul_(scale)
+    return _run("qdq", _qdq_reference, x.numel(), x, scale, qmin, qmax)
 
 
 @torch.library.custom_op("trtquant::fake_quant", mutates_args=())
@@ -72,7 +110,7 @@ def _backward(ctx, grad_out: Tensor):
     amax32 = amax.to(torch.float32)
     if ctx.needs_input_grad[0]:
         # Straight-through estimator: gradient 1 inside [-amax, amax], 0 where the value was clipped.
-        grad_x = grad_out * (x.abs() <= amax32).to(grad_out.dtype)
+        grad_x = _run("ste", _ste_reference, x.numel(), grad_out, x, amax32.to(x.dtype))
     if ctx.needs_input_grad[1]:
         # LSQ-style gradient of the dequantized value with respect to amax.
         scale = amax_to_scale(amax, ctx.bound)

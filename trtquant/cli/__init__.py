@@ -1,0 +1,1 @@
+"""The ``trtquant`` command line."""
