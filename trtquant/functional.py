@@ -73,6 +73,8 @@ def _run(name: str, ref, numel: int, *args):
     fn = _fused.get(name)
     if fn is None:
         fn = _fused[name] = torch.compile(ref, dynamic=True, fullgraph=True)
+    # Plain tensors only: a Parameter would be a different guard (and a recompile) per call site.
+    args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
     try:
         return fn(*args)
     except Exception as e:  # no C++ compiler / Triton: stay correct, lose speed, say so once

@@ -37,6 +37,7 @@ def validate_amax(amax: Tensor, where: str, per_channel: bool) -> None:
 
 
 def _summary(a: Tensor) -> str:
+    a = a.detach()  # a learned amax is a Parameter
     if a.numel() == 1:
         return f"{float(a.reshape(())):g}"
     return f"shape {tuple(a.shape)}, min {float(a.min()):g}, max {float(a.max()):g}"
@@ -61,6 +62,9 @@ class TensorQuantizer(nn.Module):
         if quant_desc.amax is not None:
             self.amax = torch.tensor(float(quant_desc.amax))
         self._calibrator: Optional[Calibrator] = self._make_calibrator()
+        # Observe-only quantizers (ort_only) calibrate for the ONNX Runtime graph and never quantize
+        # in the TensorRT model.
+        self.ort_only = False
         # (scale, zero_point, axis, qmin, qmax, float dtype) while exporting to ONNX, else None.
         self._export: Optional[tuple] = None
 
@@ -233,6 +237,10 @@ class TensorQuantizer(nn.Module):
                     f"{self._label()} must quantize but has no amax: run calibration or load a calibrated "
                     "checkpoint (trtquant.calibrate(model, data) or model.load_state_dict(calibrated_state))"
                 )
+            if amax.dim() == 1 and x.dim() > 1 and self.quant_desc.per_channel:
+                # A (C,) amax from a checkpoint: broadcast it along the channel axis.
+                axis = self.axis % x.dim()
+                amax = amax.reshape([-1 if d == axis else 1 for d in range(x.dim())])
             if self._if_clip:
                 x = torch.minimum(torch.maximum(x, -amax), amax)
             if amax.device != x.device:
@@ -262,10 +270,16 @@ class TensorQuantizer(nn.Module):
                         "per-tensor vs per-channel quantization)"
                     )
                     return
+                if self._amax is not None and self._amax.shape != value.shape:
+                    # Same numel, other layout ((C,) vs (C, 1, 1, 1)): keep this quantizer's layout.
+                    state_dict = {**state_dict, key: value.reshape(self._amax.shape)}
+                    value = state_dict[key]
+                # Keep amax on the model's device (a CPU checkpoint into a CUDA model).
+                device = self._amax.device if self._amax is not None else value.device
                 if self.learn_amax:
-                    self._amax.data = torch.empty_like(value, dtype=torch.float32)
+                    self._amax.data = torch.empty(value.shape, dtype=torch.float32, device=device)
                 else:
-                    self._amax = torch.empty_like(value, dtype=torch.float32)
+                    self._amax = torch.empty(value.shape, dtype=torch.float32, device=device)
         n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -66,6 +66,69 @@ def export_mode(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterato
             q._export = None
 
 
+def ort_flavor_(model: nn.Module) -> nn.Module:
+    """Turn on the observe-only quantizers that the ONNX Runtime INT8 graph also quantizes (in place)."""
+    missing = []
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.ort_only and q.is_enabled:
+            if q.amax is None:
+                missing.append(name)
+            q.enable_quant()
+    if missing:
+        raise ExportError(f"the ONNX Runtime graph needs amax for {', '.join(missing[:10])}: calibrate the model "
+                          "after trtquant.quantize (these observe-only quantizers calibrate with the others)")
+    _emulate_int32_bias_(model)
+    return model
+
+
+def _emulate_int32_bias_(model: nn.Module) -> None:
+    """Round each Conv(+BN)/Linear bias onto its accumulator grid, as the INT8 kernels will.
+
+    The ONNX Runtime graph folds BatchNorm into the conv and adds the bias as int32 codes of
+    s_in * s_w; doing the same to this (exported) copy keeps it an exact model of that graph.
+    """
+    import numpy as np
+    import torch.fx as fx
+
+    from ..nn.base import QuantMixin
+    from ..placement.fx_pass import _QuantTracer
+    from ..functional import amax_to_scale, quant_bounds
+    from .ort_graph import fold_bn_scale, int32_bias
+
+    try:
+        graph = _QuantTracer().trace(model)
+    except Exception:
+        return
+    modules = dict(model.named_modules())
+    for n in graph.nodes:
+        layer = modules.get(str(n.target)) if n.op == "call_module" else None
+        if not isinstance(layer, QuantMixin) or not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        iq, wq = layer.input_quantizer, layer.weight_quantizer
+        if not (iq.is_enabled and iq._if_quant and wq.is_enabled and wq._if_quant) or iq.amax is None or wq.amax is None \
+                or not wq.quant_desc.per_channel or iq.quant_desc.per_channel:
+            continue
+        s_in = float(amax_to_scale(iq.amax, quant_bounds(8, iq.unsigned)[2]).reshape(()))
+        s_w = amax_to_scale(wq.amax, 127).reshape(-1).cpu().numpy()
+        users = list(n.users)
+        bn = modules.get(str(users[0].target)) if len(users) == 1 and users[0].op == "call_module" else None
+        if isinstance(bn, nn.BatchNorm2d) and isinstance(layer, nn.Conv2d):
+            bias0 = None if layer.bias is None else layer.bias.detach().cpu().numpy()
+            s_f, b_f, _ = fold_bn_scale(s_w, bn.weight.detach().cpu().numpy(), bn.bias.detach().cpu().numpy(),
+                                        bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps, bias0)
+            codes, s_b = int32_bias(b_f, s_in, s_f)
+            target = (codes.astype(np.float64) * s_b).astype(np.float32)
+            g = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            with torch.no_grad():
+                # BN computes y*g - mean*g + beta (+ bias*g); make its constant term the rounded one.
+                extra = torch.zeros_like(g) if layer.bias is None else layer.bias.detach().double() * g
+                bn.bias.copy_((torch.from_numpy(target).double() + bn.running_mean.double() * g - extra).to(bn.bias.dtype))
+        elif layer.bias is not None and isinstance(layer, nn.Linear):
+            codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), s_in, s_w)
+            with torch.no_grad():
+                layer.bias.copy_(torch.from_numpy((codes.astype(np.float64) * s_b).astype(np.float32)))
+
+
 def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -85,6 +148,7 @@ def export_onnx(
     weights: str = "qdq",
     input_names: Optional[Sequence[str]] = None,
     output_names: Optional[Sequence[str]] = None,
+    target: str = "tensorrt",
 ) -> ExportResult:
     """Export a calibrated, quantized model to Q/DQ ONNX for TensorRT.
 
@@ -97,7 +161,13 @@ def export_onnx(
         dynamic_batch: make dimension 0 of every input and output dynamic.
         exporter: 'dynamo' (torch.export based, PyTorch's default) or 'legacy' (TorchScript).
         weights: 'qdq' (float initializer -> Q -> DQ) or 'dq_only' (int8 initializer -> DQ).
+        target: 'tensorrt' (Q/DQ on layer inputs, the TensorRT artifact) or 'onnxruntime' (the graph
+            ONNX Runtime's CPU provider runs with INT8 kernels, from the same calibration; fp32 only).
     """
+    if target not in ("tensorrt", "onnxruntime"):
+        raise ValueError(f"target must be 'tensorrt' or 'onnxruntime', got {target!r}")
+    if target == "onnxruntime" and dtype != "fp32":
+        raise ValueError("target='onnxruntime' writes an fp32 graph with INT8 kernels; use dtype='fp32'")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if exporter not in ("dynamo", "legacy"):
@@ -118,6 +188,8 @@ def export_onnx(
     path = Path(path)
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _as_tuple(example_inputs))
     work = copy.deepcopy(model).eval()
+    if target == "onnxruntime":
+        ort_flavor_(work)
     if torch_dtype != torch.float32:
         work = work.to(torch_dtype)
         args = tuple(a.to(torch_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
@@ -146,6 +218,10 @@ def export_onnx(
     dedupe_qdq(proto)
     if reduce_mean_to_global_pool(proto):
         _check_ranks_4d(proto)
+    if target == "onnxruntime":
+        from .ort_graph import to_onnxruntime_graph
+
+        to_onnxruntime_graph(proto)
     name_qdq_nodes(proto)
     if weights == "dq_only":
         fold_weight_quantize(proto)

@@ -194,23 +194,40 @@ def _rewrite_owner(model: nn.Module, owner: str, sites: List[Tuple[str, Optional
         if idx is None:
             continue
         base = "residual_quantizer" if kind == "add" else "pool_quantizer"
-        qname, k = base, 1
-        while hasattr(module, qname):
-            qname, k = f"{base}_{k}", k + 1
+        qname = _free_name(module, base)
         module.add_module(qname, TensorQuantizer(cfg.input))
         with graph.inserting_before(n):
             qnode = graph.call_module(qname, (n.args[idx],))
         args = list(n.args)
         args[idx] = qnode
-        n.args = tuple(args)
         full = f"{owner}.{qname}" if owner else qname
         state.rules[full] = rules.RULE_RESIDUAL if kind == "add" else rules.RULE_FUNCTIONAL_POOL
+        if kind == "add":
+            # The conv branch is not quantized for TensorRT (Conv+Add fuse), but ONNX Runtime's INT8
+            # Add needs its scale: an observe-only quantizer calibrates it and stays off.
+            bname = _free_name(module, "residual_branch_quantizer")
+            observer = TensorQuantizer(cfg.input)
+            observer.disable_quant()
+            observer.ort_only = True
+            module.add_module(bname, observer)
+            with graph.inserting_before(n):
+                bnode = graph.call_module(bname, (n.args[1 - idx],))
+            args[1 - idx] = bnode
+            state.rules[f"{owner}.{bname}" if owner else bname] = rules.RULE_ORT_BRANCH
+        n.args = tuple(args)
         changed = True
     if changed:
         graph.lint()
         gm = fx.GraphModule(module, graph)
         # Only this module's own forward is replaced; its children keep their code.
         module.forward = types.MethodType(type(gm).forward, module)
+
+
+def _free_name(module: nn.Module, base: str) -> str:
+    name, k = base, 1
+    while hasattr(module, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 def placement_state(model: nn.Module) -> Optional[PlacementState]:

@@ -1,0 +1,275 @@
+"""TensorRT Q/DQ graph -> the graph ONNX Runtime's CPU provider runs with INT8 kernels.
+
+ONNX Runtime fuses DQ -> op -> Q groups into QLinearConv/QLinearAdd/QGemm/... only when every
+input comes from a DequantizeLinear (int32 bias included) and the output goes into a
+QuantizeLinear; a TensorRT-style graph (Q/DQ on inputs only, BatchNorm after Conv) runs entirely
+in float there. Every rewrite below is exact on the symmetric grid, so the result computes what
+the fake-quant model computes:
+
+* activations: int8 zero point 0 -> uint8 zero point 128 (the same grid, the layout MLAS prefers);
+* BatchNormalization folded into the int8 weight codes: codes * sign(g), scale * |g| per channel;
+* each activation Q/DQ is copied up through ReLU/MaxPool/Flatten/Reshape to the output of the op
+  that produced the value (quantization commutes with these monotone ops), giving the output Q;
+* Conv/Gemm biases become int32 with scale s_in * s_w (the only rounding this adds, <= 0.5 of that
+  step, far below the output step).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Ops that commute with rounding onto one grid (monotone, 0 stays 0): Q(f(y)) == Q(f(Q(y))).
+_COMMUTING = {"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity"}
+
+
+def fold_bn_scale(weight_scale: np.ndarray, gamma, beta, mean, var, eps: float, bias=None):
+    """(folded per-channel weight scale, folded float32 bias, sign per channel) - shared with the torch side."""
+    g = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+    scale = (np.asarray(weight_scale, np.float64).reshape(-1) * np.abs(g)).astype(np.float32)
+    b = np.zeros_like(g) if bias is None else np.asarray(bias, np.float64)
+    folded_bias = ((b - np.asarray(mean, np.float64)) * g + np.asarray(beta, np.float64)).astype(np.float32)
+    return scale, folded_bias, np.where(g < 0, -1, 1).astype(np.int8)
+
+
+def int32_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Bias on the accumulator grid, as integer kernels add it: (int32 codes, float32 scale s_in * s_w)."""
+    s_b = (np.float32(input_scale) * np.asarray(weight_scale, np.float32)).astype(np.float32)
+    s_b = np.where(s_b > 0, s_b, np.float32(1.0)).astype(np.float32)
+    codes = np.clip(np.rint(np.asarray(bias, np.float64) / s_b), -2**31, 2**31 - 1).astype(np.int32)
+    return codes, s_b
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.g = model.graph
+        self.inits: Dict[str, onnx.TensorProto] = {t.name: t for t in self.g.initializer}
+        self._uid = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer: Dict[str, onnx.NodeProto] = {o: n for n in self.g.node for o in n.output}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def const(self, name: str) -> Optional[np.ndarray]:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        p = self.producer.get(name)
+        if p is not None and p.op_type == "Constant":
+            return numpy_helper.to_array(next(a.t for a in p.attribute if a.name == "value"))
+        if p is not None and p.op_type == "Identity":
+            return self.const(p.input[0])
+        return None
+
+    def add_init(self, array: np.ndarray, hint: str) -> str:
+        self._uid += 1
+        name = f"{hint}__ort{self._uid}"
+        self.g.initializer.append(numpy_helper.from_array(array, name))
+        self.inits[name] = self.g.initializer[-1]
+        return name
+
+    def fresh(self, hint: str) -> str:
+        self._uid += 1
+        return f"{hint}__ort{self._uid}"
+
+    def is_graph_output(self, name: str) -> bool:
+        return any(o.name == name for o in self.g.output)
+
+
+def _axis(node: onnx.NodeProto) -> Optional[int]:
+    return next((a.i for a in node.attribute if a.name == "axis"), None)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, int]]:
+    """Rewrite a TensorRT Q/DQ model (fp32) in place for ONNX Runtime INT8; returns it and counts."""
+    G = _Graph(model)
+    stats = {"bn_folded": 0, "activation_qdq": 0, "output_qdq": 0, "int32_bias": 0}
+
+    # 1. Weights: Q/DQ on a float initializer -> int8 codes + DQ (scale as fp32, axis 0).
+    weights: Dict[str, Tuple[np.ndarray, np.ndarray, int]] = {}  # DQ output -> (codes, scale, axis)
+    drop = set()
+    for q in list(G.g.node):
+        if q.op_type != "QuantizeLinear" or G.const(q.input[0]) is None:
+            continue
+        dqs = G.consumers.get(q.output[0], [])
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+            continue
+        w = G.const(q.input[0]).astype(np.float32)
+        scale = G.const(q.input[1]).astype(np.float32)
+        axis = _axis(q) if scale.ndim == 1 else None
+        s = scale.reshape([-1] + [1] * (w.ndim - 1)) if scale.ndim == 1 and axis in (0, None) else scale
+        if scale.ndim == 1 and axis not in (0, None):
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            s = scale.reshape(shape)
+        q_min, q_max = (-128, 127)
+        codes = np.clip(np.rint(w / s), q_min, q_max).astype(np.int8)
+        weights[dqs[0].output[0]] = (codes, scale, axis if axis is not None else 0)
+        drop.update({id(q), id(dqs[0])})
+
+    # 2. Activation pairs: tensor -> scale (per tensor, non-constant input).
+    act_scale: Dict[str, float] = {}
+    rename: Dict[str, str] = {}
+    for q in G.g.node:
+        if q.op_type != "QuantizeLinear" or id(q) in drop:
+            continue
+        scale = G.const(q.input[1])
+        if scale is None or scale.size != 1:
+            continue
+        dqs = G.consumers.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        act_scale[q.input[0]] = float(scale.reshape(()))
+        for d in dqs:
+            rename[d.output[0]] = q.input[0]
+            drop.add(id(d))
+        drop.add(id(q))
+    keep = [n for n in G.g.node if id(n) not in drop]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            n.input[i] = rename.get(name, name)
+
+    # 3. Re-create weights as int8 initializer -> DQ, folding a following BatchNormalization.
+    del G.g.node[:]
+    G.g.node.extend(keep)
+    G.refresh()
+    new_nodes: List[onnx.NodeProto] = []
+    for n in list(G.g.node):
+        if n.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(n.input) < 2 or n.input[1] not in weights:
+            continue
+        codes, scale, axis = weights[n.input[1]]
+        scale = scale.astype(np.float32).reshape(-1) if scale.ndim else scale.astype(np.float32)
+        bias = G.const(n.input[2]).astype(np.float32) if len(n.input) > 2 and n.input[2] else None
+        users = G.consumers.get(n.output[0], [])
+        if n.op_type == "Conv" and scale.ndim == 1 and len(users) == 1 and users[0].op_type == "BatchNormalization" \
+                and not G.is_graph_output(n.output[0]):
+            bn = users[0]
+            gamma, beta, mean, var = (G.const(bn.input[i]) for i in range(1, 5))
+            eps = float(_attr(bn, "epsilon", 1e-5))
+            scale, bias, sign = fold_bn_scale(scale, gamma, beta, mean, var, eps, bias)
+            codes = (codes.astype(np.int16) * sign.reshape([-1] + [1] * (codes.ndim - 1))).astype(np.int8)
+            # Conv now writes BN's output tensor; BN disappears.
+            n.output[0] = bn.output[0]
+            G.g.node.remove(bn)
+            stats["bn_folded"] += 1
+        w_codes = G.add_init(codes, n.name or "w")
+        w_scale = G.add_init(scale, (n.name or "w") + "_scale")
+        w_zp = G.add_init(np.zeros(scale.shape, np.int8), (n.name or "w") + "_zp")
+        dq_out = G.fresh((n.name or "w") + "_wdq")
+        attrs = {"axis": int(axis)} if scale.ndim == 1 else {}
+        new_nodes.append(helper.make_node("DequantizeLinear", [w_codes, w_scale, w_zp], [dq_out],
+                                          name=dq_out, **attrs))
+        n.input[1] = dq_out
+        if bias is not None:
+            while len(n.input) < 3:
+                n.input.append("")
+            n.input[2] = G.add_init(bias, (n.name or "b") + "_bias")
+    G.g.node.extend(new_nodes)
+    _topo_sort(G.g)
+    G.refresh()
+
+    # 4. Output Q: copy each activation scale up through commuting ops to the producing op's output.
+    scales = dict(act_scale)
+    for tensor, s in list(act_scale.items()):
+        cur = tensor
+        while True:
+            p = G.producer.get(cur)
+            if p is None or p.op_type not in _COMMUTING or not p.input:
+                break
+            src = p.input[0]
+            if len(G.consumers.get(src, [])) != 1 or src in scales:
+                break
+            scales[src] = s
+            cur = src
+
+    # 5. Insert uint8 (zero point 128) Q -> DQ on every scaled tensor, for all of its consumers.
+    inserted: List[onnx.NodeProto] = []
+    for tensor, s in scales.items():
+        if G.const(tensor) is not None:
+            continue
+        sc = G.add_init(np.array(s, np.float32), "act_scale")
+        zp = G.add_init(np.array(128, np.uint8), "act_zp")
+        q_out, dq_out = G.fresh(tensor + "_q"), G.fresh(tensor + "_dq")
+        inserted.append(helper.make_node("QuantizeLinear", [tensor, sc, zp], [q_out], name=q_out))
+        inserted.append(helper.make_node("DequantizeLinear", [q_out, sc, zp], [dq_out], name=dq_out))
+        for c in G.consumers.get(tensor, []):
+            for i, name in enumerate(c.input):
+                if name == tensor:
+                    c.input[i] = dq_out
+        for o in G.g.output:
+            if o.name == tensor:  # keep graph outputs float: rename back through an Identity
+                pass
+        stats["activation_qdq" if tensor in act_scale else "output_qdq"] += 1
+    G.g.node.extend(inserted)
+    _topo_sort(G.g)
+    G.refresh()
+
+    # 6. int32 biases for ops whose activation input and weight are both dequantized.
+    for n in list(G.g.node):
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or not n.input[2]:
+            continue
+        x_dq, w_dq = G.producer.get(n.input[0]), G.producer.get(n.input[1])
+        if not (x_dq and w_dq and x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear"):
+            continue
+        bias = G.const(n.input[2])
+        s_in = G.const(x_dq.input[1])
+        s_w = G.const(w_dq.input[1])
+        if bias is None or s_in is None or s_w is None or s_in.size != 1:
+            continue
+        qb, s_b = int32_bias(bias, float(s_in.reshape(())), s_w)
+        b_codes = G.add_init(qb, (n.name or "b") + "_bq")
+        b_scale = G.add_init(s_b.reshape(-1) if s_b.ndim else s_b, (n.name or "b") + "_bs")
+        b_zp = G.add_init(np.zeros(s_b.reshape(-1).shape if s_b.ndim else (), np.int32), (n.name or "b") + "_bz")
+        out = G.fresh((n.name or "b") + "_bdq")
+        G.g.node.append(helper.make_node("DequantizeLinear", [b_codes, b_scale, b_zp], [out], name=out,
+                                         **({"axis": 0} if s_b.ndim else {})))
+        n.input[2] = out
+        stats["int32_bias"] += 1
+    _topo_sort(G.g)
+    from .graph_passes import remove_unused_initializers
+
+    remove_unused_initializers(model)
+    return model, stats
+
+
+def _topo_sort(g: onnx.GraphProto) -> None:
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    pending = list(g.node)
+    ordered: List[onnx.NodeProto] = []
+    while pending:
+        progressed = False
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+                progressed = True
+            else:
+                rest.append(n)
+        if not progressed:
+            raise ValueError(f"graph has a cycle or a missing input near {rest[0].op_type} '{rest[0].name}'")
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
+
+
+def int8_conv_fraction(optimized: onnx.ModelProto) -> Tuple[int, int]:
+    """(Conv layers running as INT8 kernels, all Conv layers) in ONNX Runtime's optimized model."""
+    int8 = sum(1 for n in optimized.graph.node if n.op_type in ("QLinearConv",) or
+               (n.domain == "com.microsoft" and n.op_type in ("QLinearConv", "NhwcQLinearConv")))
+    fp = sum(1 for n in optimized.graph.node if n.op_type in ("Conv", "FusedConv", "NchwcConv"))
+    return int8, int8 + fp
