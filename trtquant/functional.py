@@ -70,11 +70,14 @@ def _run(name: str, ref, numel: int, *args):
     global _fuse_enabled
     if not _fuse_enabled or numel < _FUSE_MIN_NUMEL or torch.compiler.is_compiling():
         return ref(*args)
-    fn = _fused.get(name)
-    if fn is None:
-        fn = _fused[name] = torch.compile(ref, dynamic=True, fullgraph=True)
     # Plain tensors only: a Parameter would be a different guard (and a recompile) per call site.
     args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
+    # One compiled kernel per signature (ranks, dtypes, device, integer range): each stays at one
+    # graph, so dynamo's recompile limit is never reached however many layer shapes a model has.
+    key = (name,) + tuple((a.dim(), a.dtype, a.device.type) if isinstance(a, Tensor) else a for a in args)
+    fn = _fused.get(key)
+    if fn is None:
+        fn = _fused[key] = torch.compile(ref, dynamic=True, fullgraph=True)
     try:
         return fn(*args)
     except Exception as e:  # no C++ compiler / Triton: stay correct, lose speed, say so once
