@@ -239,7 +239,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..service import serve
 
     serve(host=a.host, port=a.port, db_path=a.db, workdir=a.workdir, workers=a.workers,
-          max_upload_mb=a.max_upload_mb)
+          max_upload_mb=a.max_upload_mb, token_env=a.token_env, backend=None if a.backend == "auto" else a.backend)
     return 0
 
 
@@ -347,10 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="engine-build HTTP service")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--db", default="runs/service/jobs.sqlite")
-    s.add_argument("--workdir", default="runs/service")
+    s.add_argument("--db", default=None, help="SQLite job database (default: <workdir>/jobs.sqlite)")
+    s.add_argument("--workdir", default="trtquant-service")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--max-upload-mb", type=int, default=512)
+    s.add_argument("--token-env", default="TRTQUANT_SERVICE_TOKEN",
+                   help="environment variable holding the bearer token (auth off when unset)")
+    s.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
     s.set_defaults(func=cmd_serve)
     return p
 

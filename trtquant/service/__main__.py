@@ -1,0 +1,115 @@
+"""``python -m trtquant.service``: run the engine-build service with uvicorn.
+
+``trtquant serve`` calls :func:`serve` with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+__all__ = ["DEFAULT_TOKEN_ENV", "main", "serve"]
+
+DEFAULT_TOKEN_ENV = "TRTQUANT_SERVICE_TOKEN"
+DEFAULT_WORKDIR = "trtquant-service"
+
+_LOG = logging.getLogger("trtquant.service")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    db_path: str | os.PathLike[str] | None = None,
+    workdir: str | os.PathLike[str] = DEFAULT_WORKDIR,
+    workers: int = 1,
+    max_upload_mb: float = 512,
+    token_env: str = DEFAULT_TOKEN_ENV,
+    *,
+    backend: str | None = None,
+    log_level: str = "info",
+    port_file: str | os.PathLike[str] | None = None,
+) -> None:
+    """Run the build service in the foreground until SIGINT/SIGTERM.
+
+    Args:
+        host: address to listen on (``0.0.0.0`` in a container; default loopback only).
+        port: TCP port; 0 picks a free one (written to ``port_file``).
+        db_path: SQLite job database (default ``<workdir>/jobs.db``).
+        workdir: uploads, scratch, artifact cache, timing caches.
+        workers: build worker threads (1 per GPU is right).
+        max_upload_mb: largest accepted upload in MiB (413 above).
+        token_env: name of the environment variable holding the bearer token; auth is off
+            when it is unset or empty.
+        backend: ``auto`` (TensorRT when usable, else ONNX Runtime), ``tensorrt`` or ``onnxruntime``.
+        log_level: uvicorn/service log level.
+        port_file: write the bound port here once listening (for scripts and tests).
+
+    Raises:
+        ImportError: the ``service`` extra (fastapi, uvicorn, python-multipart) is missing.
+    """
+    try:
+        import uvicorn
+
+        from trtquant.service.app import ServiceConfig, create_app
+    except ImportError as exc:
+        raise ImportError(f"the build service needs its extra: pip install 'trtquant[service]' ({exc})") from exc
+
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1")
+    if max_upload_mb <= 0:
+        raise ValueError(f"max_upload_mb={max_upload_mb} must be > 0")
+    level = getattr(logging, log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = os.environ.get(token_env, "").strip() or None
+    if token is None:
+        _LOG.warning("$%s is not set: the build API accepts requests without authentication", token_env)
+    config = ServiceConfig.from_env(
+        Path(workdir), db_path=None if db_path is None else Path(db_path), workers=int(workers),
+        max_upload_bytes=int(float(max_upload_mb) * 1024 * 1024), token=token, backend=backend,
+    )
+    app = create_app(config)
+    sock = _bind(host, int(port))
+    bound = sock.getsockname()[1]
+    if port_file is not None:
+        from trtquant.calib_cache import atomic_write_bytes
+
+        atomic_write_bytes(port_file, str(bound).encode())
+    _LOG.info("listening on http://%s:%d (docs at /docs)", host if ":" not in host else f"[{host}]", bound)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level.lower(), access_log=level <= logging.DEBUG,
+                                           timeout_graceful_shutdown=30))
+    server.run(sockets=[sock])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trtquant.service", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one, see --port-file)")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="uploads, artifact cache, scratch (default ./%(default)s)")
+    parser.add_argument("--db", dest="db_path", default=None, help="SQLite job database (default <workdir>/jobs.db)")
+    parser.add_argument("--workers", type=int, default=1, help="build worker threads (default 1: one GPU)")
+    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest upload in MiB (default 512)")
+    parser.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
+                        help="environment variable with the bearer token (default %(default)s; unset = no auth)")
+    parser.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default=None,
+                        help="build backend (default: $TRTQUANT_SERVICE_BACKEND or auto)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
+    args = parser.parse_args(argv)
+    serve(args.host, args.port, args.db_path, args.workdir, args.workers, args.max_upload_mb, args.token_env,
+          backend=args.backend, log_level=args.log_level, port_file=args.port_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
