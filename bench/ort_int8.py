@@ -75,13 +75,13 @@ def main() -> None:
         for label, path in (("fp32", fp32_path), ("int8", int8_path)):
             res = benchmark("onnxruntime", str(path), input_shape=shape, batch_sizes=batches, device="cpu",
                             intra_op_threads=args.threads, duration_s=args.duration, machine_info=False)
-            lat[label] = {b.batch_size: b.to_dict() for b in res.batches}
-        speed = {b: lat["fp32"][b]["latency_ms"]["median"] / lat["int8"][b]["latency_ms"]["median"] for b in batches}
+            lat[label] = {b.batch_size: b.latency_ms.median for b in res.results}
+        speed = {b: lat["fp32"][b] / lat["int8"][b] for b in batches}
         results["models"][name] = {"timings": timings, "int8_convs": n_int8, "convs": n_conv, "latency": lat,
                                    "speedup": speed}
         for b in batches:
-            rows.append(f"| {name} | {b} | {lat['fp32'][b]['latency_ms']['median']:.1f} | "
-                        f"{lat['int8'][b]['latency_ms']['median']:.1f} | {speed[b]:.2f}x | {n_int8}/{n_conv} |")
+            rows.append(f"| {name} | {b} | {lat['fp32'][b]:.1f} | {lat['int8'][b]:.1f} | {speed[b]:.2f}x | "
+                        f"{n_int8}/{n_conv} |")
         print(f"{name}: export TRT graph legacy {timings['export_trt_legacy_s']:.1f} s, dynamo "
               f"{timings['export_trt_dynamo_s']:.1f} s; ORT INT8 graph {timings['export_ort_int8_s']:.1f} s")
     _common.dump(args.out, results)

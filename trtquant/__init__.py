@@ -7,6 +7,7 @@ CPU machine.
 
 from .calib_cache import load_calibration, read_trt_cache, save_calibration, write_trt_cache
 from .calibrate import calibrate, collect_statistics, compute_amax, quantizers
+from .checkpoint import load_state_dict
 from .config import QuantConfig
 from .convert import quantize
 from .descriptor import QuantDescriptor
@@ -19,7 +20,7 @@ from .quantizer import TensorQuantizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "calibrate", "save_calibration", "load_calibration", "write_trt_cache", "read_trt_cache", "collect_statistics", "compute_amax", "quantizers", "QuantConfig", "QuantDescriptor",
+    "quantize", "calibrate", "load_state_dict", "save_calibration", "load_calibration", "write_trt_cache", "read_trt_cache", "collect_statistics", "compute_amax", "quantizers", "QuantConfig", "QuantDescriptor",
     "TensorQuantizer", "TrtQuantError", "CalibrationError", "CheckpointError", "CacheFileError", "ExportError",
     "EngineBuildError", "QuantizerNotCalibratedError", "TensorRTNotAvailableError",
 ]

@@ -44,6 +44,12 @@ def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> boo
     return False
 
 
+def _named(name: str, module: nn.Module, selectors: Iterable[Selector]) -> bool:
+    """Selected by an exact name (no glob characters) or by type."""
+    return any((isinstance(s, type) and isinstance(module, s)) or (isinstance(s, str) and s == name
+               and not any(c in s for c in "*?[")) for s in selectors)
+
+
 def name_quantizers(model: nn.Module) -> None:
     """Give every TensorQuantizer its fully qualified name, used in every error and report."""
     for name, m in model.named_modules():
@@ -93,8 +99,16 @@ def quantize(
         if not selected or (exc is not None and _matches(name, module, exc)):
             continue
         float_t = _float_type(module)
+        if float_t is not None and type(module).forward is not float_t.forward:
+            # A subclass with its own forward (e.g. 'same' padding, weight standardization): the
+            # quantized twin would run float_t's forward instead and silently change the model.
+            logger.warning("%s (%s) overrides %s.forward; left in float (register a quantized version with "
+                           "trtquant.nn.register)", name, type(module).__name__, float_t.__name__)
+            float_t = None
         if float_t is None:
-            if inc is not None and name and not list(module.children()) and _matches(name, module, inc):
+            # Only layers named exactly or selected by type are errors; a glob ("layer1.*") also
+            # matches the BatchNorms and activations around the convs, which stay float.
+            if inc is not None and name and not list(module.children()) and _named(name, module, inc):
                 unsupported.append(f"{name} ({type(module).__name__})")
             continue
         if type(module) is not float_t:
@@ -109,10 +123,11 @@ def quantize(
             "register others with trtquant.nn.register(FloatType, QuantType)"
         )
     if inc is not None and not targets:
-        sample = [n for n, _ in model.named_modules() if n][:8]
+        layers = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and _float_type(m) is not None]
+        shown = ", ".join(layers[:20]) + (f", ... {len(layers) - 20} more" if len(layers) > 20 else "")
         raise ValueError(
-            f"include={inc!r} matched no quantizable layer (module names look like {sample}); "
-            "use fnmatch globs on names from model.named_modules(), or module types"
+            f"include={inc!r} matched no quantizable layer; the model's quantizable layers are: {shown or 'none'}. "
+            "Use fnmatch globs on names from model.named_modules(), or module types"
         )
 
     for name, module, quant_cls in targets:

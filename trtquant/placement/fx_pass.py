@@ -73,10 +73,13 @@ def _is_epilogue(n: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return False
 
 
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
 def _conv_source(n: fx.Node, modules: Dict[str, nn.Module]) -> Optional[fx.Node]:
-    """The weighted-layer node this value comes from through BN/activations only, else None."""
+    """The weighted-layer node (quantized or float) this value comes from through BN/activations only."""
     while True:
-        if n.op == "call_module" and isinstance(modules.get(str(n.target)), QuantMixin):
+        if n.op == "call_module" and isinstance(modules.get(str(n.target)), _WEIGHTED):
             return n
         if _is_epilogue(n, modules) and n.args and isinstance(n.args[0], fx.Node):
             n = n.args[0]
@@ -100,6 +103,18 @@ def _ancestors_depth(n: fx.Node) -> Dict[fx.Node, int]:
 
 
 def _identity_index(add: fx.Node, modules: Dict[str, nn.Module]) -> Optional[int]:
+    """Which Add input is the identity, when the other is a quantized conv branch; else None."""
+    idx = _identity_side(add, modules)
+    if idx is None:
+        return None
+    branch = _conv_source(add.args[1 - idx], modules)
+    layer = modules.get(str(branch.target)) if branch is not None else None
+    if not isinstance(layer, QuantMixin) or not layer.weight_quantizer.is_enabled:
+        return None  # a float conv branch: TensorRT will not fuse an INT8 Add here
+    return idx
+
+
+def _identity_side(add: fx.Node, modules: Dict[str, nn.Module]) -> Optional[int]:
     a, b = add.args[0], add.args[1]
     ca, cb = _conv_source(a, modules), _conv_source(b, modules)
     if ca is not None and cb is None:
