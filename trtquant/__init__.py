@@ -5,7 +5,9 @@ Data flows one way: descriptor -> quantizer -> calib -> nn -> placement -> expor
 CPU machine.
 """
 
-from .calib_cache import load_calibration, read_trt_cache, save_calibration, write_trt_cache
+from .calib_cache import (
+    export_trt_cache, import_trt_cache, load_calibration, read_trt_cache, save_calibration, write_trt_cache,
+)
 from .calibrate import calibrate, collect_statistics, compute_amax, quantizers
 from .checkpoint import load_state_dict
 from .config import QuantConfig
@@ -20,7 +22,7 @@ from .quantizer import TensorQuantizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "calibrate", "load_state_dict", "save_calibration", "load_calibration", "write_trt_cache", "read_trt_cache", "collect_statistics", "compute_amax", "quantizers", "QuantConfig", "QuantDescriptor",
+    "quantize", "calibrate", "load_state_dict", "save_calibration", "load_calibration", "write_trt_cache", "read_trt_cache", "export_trt_cache", "import_trt_cache", "collect_statistics", "compute_amax", "quantizers", "QuantConfig", "QuantDescriptor",
     "TensorQuantizer", "TrtQuantError", "CalibrationError", "CheckpointError", "CacheFileError", "ExportError",
     "EngineBuildError", "QuantizerNotCalibratedError", "TensorRTNotAvailableError",
 ]

@@ -193,3 +193,71 @@ def read_trt_cache(path: PathLike) -> Dict[str, float]:
             raise CacheFileError(f"{path}:{lineno}: {value!r} is not a hex float32") from None
         out[name.strip()] = float(torch.tensor(scale, dtype=torch.float32) * 127)
     return out
+
+
+def _activation_qdq(onnx_path: PathLike):
+    """(QuantizeLinear node, input tensor, float32 scale) for every per-tensor activation Q in a Q/DQ ONNX."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value"))
+        elif n.op_type == "Identity" and n.input[0] in consts:
+            consts[n.output[0]] = consts[n.input[0]]
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in consts:
+            continue
+        scale = consts.get(n.input[1])
+        if scale is None or np.asarray(scale).size != 1:
+            continue
+        yield n, n.input[0], float(np.asarray(scale, np.float32).reshape(()))
+
+
+def export_trt_cache(onnx_path: PathLike, cache_path: PathLike, trt_version: str = "10.3.0",
+                     algorithm: str = "EntropyCalibration2") -> Dict[str, float]:
+    """TensorRT implicit-INT8 cache (TensorRT 8.x/10.x, Jetson DLA) from a Q/DQ ONNX: one line per
+    activation tensor that a QuantizeLinear quantizes, named as in the Q/DQ-free graph."""
+    scales = {tensor: scale for _, tensor, scale in _activation_qdq(onnx_path)}
+    if not scales:
+        raise ValueError(f"{onnx_path}: no per-tensor activation QuantizeLinear found; export a calibrated model first")
+    write_trt_cache(scales, cache_path, trt_version, algorithm)
+    return scales
+
+
+def import_trt_cache(model: nn.Module, cache_path: PathLike, onnx_path: PathLike) -> Dict[str, float]:
+    """Set amax from a TensorRT cache, mapping tensor names to quantizers through the ONNX that
+    trtquant exported from this model (its QuantizeLinear nodes carry the quantizer's module path)."""
+    amax_by_tensor = read_trt_cache(cache_path)
+    name_quantizers(model)
+    qs = quantizers(model)
+    by_scope = {"/" + "/".join(_scope_parts(name)): name for name in qs}
+    applied: Dict[str, float] = {}
+    for node, tensor, _ in _activation_qdq(onnx_path):
+        if tensor not in amax_by_tensor:
+            continue
+        scope = node.name.rsplit("/", 1)[0] if "/" in node.name else ""
+        qname = by_scope.get(scope)
+        if qname is not None and amax_by_tensor[tensor] > 0:
+            qs[qname].amax = torch.tensor(amax_by_tensor[tensor])
+            applied[qname] = amax_by_tensor[tensor]
+    left = [n for n, q in qs.items() if q.is_enabled and q._if_quant and q.amax is None]
+    if applied and left:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%d quantizer(s) got no amax from %s (they share a tensor with another quantizer, or the cache lacks "
+            "their tensor): %s", len(left), cache_path, ", ".join(left[:10]))
+    if not applied:
+        raise CacheFileError(f"{cache_path}: no tensor name matched a quantizer of this model through {onnx_path} "
+                             "(export the ONNX with exporter='legacy' from this model, whose node names carry module paths)")
+    return applied
+
+
+def _scope_parts(qname: str):
+    """Legacy exporter scope of a module path: 'layer2.0.downsample.0.x' -> layer2/layer2.0/downsample/downsample.0/x."""
+    parts = qname.split(".")
+    return [f"{parts[i - 1]}.{p}" if p.isdigit() and i else p for i, p in enumerate(parts)]
