@@ -16,7 +16,7 @@ from torch import nn
 from .calib.max import MaxCalibrator
 from .convert import name_quantizers
 from .errors import CalibrationError
-from .quantizer import TensorQuantizer
+from .quantizer import TensorQuantizer, end_shared_observations
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def calibration_mode(model: nn.Module, ignore_nonfinite: bool = False) -> Iterat
             q.enable_calib()
         yield qs
     finally:
+        end_shared_observations(qs.values())
         for n, q in qs.items():
             q.set_state(saved[n])
         model.train(was_training)

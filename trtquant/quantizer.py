@@ -23,6 +23,20 @@ from .functional import amax_to_scale, fake_quant, quant_bounds, quantize
 
 logger = logging.getLogger(__name__)
 
+# While calibrating: id(tensor) -> (weakref to it, its version, calibrator that binned it). Several
+# quantizers often observe one tensor (a block input feeds conv1 and the residual quantizer); the
+# later ones alias the first instead of binning the same values again.
+_observed: dict = {}
+
+
+def end_shared_observations(quantizers) -> None:
+    """Finish a calibration pass: aliased calibrators take their source's statistics."""
+    for q in quantizers:
+        src = q.__dict__.pop("_calib_alias", None)
+        if src is not None and q._calibrator is not None:
+            q._calibrator.copy_from(src)
+    _observed.clear()
+
 
 def validate_amax(amax: Tensor, where: str, per_channel: bool) -> None:
     """amax must be finite and > 0 (a per-channel entry may be 0: a dead channel, scale 1.0 at export)."""
@@ -198,6 +212,26 @@ class TensorQuantizer(nn.Module):
         self.amax = amax
 
     # -- forward --------------------------------------------------------------------------------
+    def _observe(self, x: Tensor) -> None:
+        import weakref
+
+        cal = self._calibrator
+        seen = _observed.get(id(x))
+        alias = self.__dict__.get("_calib_alias")
+        if seen is not None and seen[0]() is x and seen[1] == x._version and seen[2] is not cal \
+                and seen[2].config_key() == cal.config_key() and (alias is None or alias is seen[2]) \
+                and (alias is not None or cal.num_batches == 0):
+            self._calib_alias = seen[2]
+            return
+        if alias is not None:  # the alias broke: until now both saw the same data
+            cal.copy_from(alias)
+            del self._calib_alias
+        cal.collect(x)
+        try:
+            _observed[id(x)] = (weakref.ref(x), x._version, cal)
+        except TypeError:
+            pass
+
     def export_constants(self, scale_dtype: torch.dtype = torch.float32) -> tuple:
         """(scale, zero_point, axis) as ONNX QuantizeLinear takes them: scale = amax/bound, 1-D per channel."""
         amax = self.amax
@@ -229,7 +263,7 @@ class TensorQuantizer(nn.Module):
                 return qdq(x.to(compute_dtype), scale, zp, axis, qmin, qmax).to(x.dtype)
             return qdq(x, scale, zp, axis, qmin, qmax)
         if self._if_calib:
-            self._calibrator.collect(x)
+            self._observe(x)
         if self._if_quant:
             amax = self.amax
             if amax is None:

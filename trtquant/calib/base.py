@@ -45,6 +45,17 @@ class Calibrator:
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         raise NotImplementedError
 
+    def config_key(self) -> tuple:
+        """Calibrators with equal keys collect identical statistics from identical data."""
+        return (type(self).__name__, self._num_bits, self._axis, self._unsigned, self.ignore_nonfinite,
+                getattr(self, "_num_bins", None), getattr(self, "_skip_zeros", None))
+
+    def copy_from(self, other: "Calibrator") -> None:
+        """Take ``other``'s statistics (both saw the same tensors)."""
+        self.load_state_dict(other.state_dict())
+        self._nonfinite = None if other._nonfinite is None else other._nonfinite.clone()
+        self.num_batches = other.num_batches
+
     def all_reduce_(self, group=None) -> None:
         """Merge this calibrator's statistics across torch.distributed ranks, in place."""
         raise NotImplementedError

@@ -33,12 +33,26 @@ def rebin(hist: Tensor, old_range: Tensor, new_range: Tensor) -> Tensor:
 
 
 def _bin_counts(xa: Tensor, n: int, range_: Tensor) -> Tensor:
+    """Counts of |x| in ``n`` bins over [0, range_], int64; values beyond the range land in the last bin."""
     idx = (xa * (n / range_)).to(torch.int32).clamp_(0, n - 1).reshape(-1)
-    if xa.device.type == "cpu":
-        return torch.bincount(idx, minlength=n)
     # bincount sizes its output from max(idx) (a host sync on CUDA); scatter_add does not.
     ones = torch.ones((), dtype=torch.int64, device=xa.device).expand(idx.numel())
     return torch.zeros(n, dtype=torch.int64, device=xa.device).scatter_add_(0, idx.long(), ones)
+
+
+_HISTC_CHUNK = 1 << 23  # histc counts in float32: exact while a call sees < 2^24 elements
+
+
+def _histc_counts(xa: Tensor, n: int, range_: float) -> Tensor:
+    """CPU: torch.histc over [0, range_] (exact bins: range_ and n are powers of two), int64 counts.
+
+    Values above the range (and NaN) are not counted; callers compare the total with numel.
+    """
+    flat = xa.reshape(-1)
+    total = torch.zeros(n, dtype=torch.int64)
+    for start in range(0, flat.numel(), _HISTC_CHUNK):
+        total += torch.histc(flat[start:start + _HISTC_CHUNK], bins=n, min=0.0, max=range_).to(torch.int64)
+    return total
 
 
 class HistogramCalibrator(Calibrator):
@@ -67,6 +81,9 @@ class HistogramCalibrator(Calibrator):
             xa = xa.float()
         if self.ignore_nonfinite:
             xa = torch.where(torch.isfinite(xa), xa, torch.zeros((), device=xa.device))
+        if xa.device.type == "cpu":
+            self._collect_cpu(xa)
+            return
         m = xa.amax()
         if not self.ignore_nonfinite:
             self._note_nonfinite(m)
@@ -80,6 +97,34 @@ class HistogramCalibrator(Calibrator):
         if self._skip_zeros:
             counts[0] -= (xa == 0).sum()
         self._hist = counts if self._hist is None else self._hist.add_(counts)
+        self.num_batches += 1
+
+    def _collect_cpu(self, xa: Tensor) -> None:
+        # Host reads are free on the CPU: bin against the current range in one pass, and find the
+        # max only when something fell outside it (then the range grows and both re-bin exactly).
+        n = self._num_bins
+        if self._range is not None:
+            counts = _histc_counts(xa, n, float(self._range))
+            if int(counts.sum()) == xa.numel():
+                if self._skip_zeros:
+                    counts[0] -= int((xa == 0).sum())
+                self._hist.add_(counts)
+                self.num_batches += 1
+                return
+        m = xa.amax()
+        if not torch.isfinite(m):
+            self._note_nonfinite(m)
+            xa = torch.where(torch.isfinite(xa), xa, torch.zeros(()))
+            m = xa.amax()
+        new_range = _pow2_ceil(m) if self._range is None else torch.maximum(self._range, _pow2_ceil(m))
+        counts = _histc_counts(xa, n, float(new_range))
+        if self._skip_zeros:
+            counts[0] -= int((xa == 0).sum())
+        if self._hist is not None:
+            self._hist = rebin(self._hist, self._range, new_range).add_(counts)
+        else:
+            self._hist = counts
+        self._range = new_range
         self.num_batches += 1
 
     def reset(self) -> None:
