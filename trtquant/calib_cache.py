@@ -173,24 +173,30 @@ def write_trt_cache(scales: Dict[str, float], path: PathLike, trt_version: str =
 
 def read_trt_cache(path: PathLike) -> Dict[str, float]:
     """Parse a TensorRT calibration cache into ``{tensor_name: amax}`` (amax = scale * 127)."""
+    import math
+
     path = Path(path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise CacheFileError(f"{path}: cannot read TensorRT calibration cache ({e})") from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines or not lines[0].startswith("TRT-"):
+    numbered = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    if not numbered or not numbered[0][1].startswith("TRT-"):
         raise CacheFileError(f"{path}: missing the 'TRT-<version>-<algorithm>' header line; not a TensorRT calibration cache")
     out: Dict[str, float] = {}
-    for lineno, line in enumerate(lines[1:], start=2):
+    for lineno, line in numbered[1:]:
         name, sep, value = line.rpartition(":")
         value = value.strip()
-        if not sep or not name:
+        if not sep or not name.strip():
             raise CacheFileError(f"{path}:{lineno}: expected 'tensor_name: hex', got {line!r}")
+        if not value or len(value) > 8:
+            raise CacheFileError(f"{path}:{lineno}: {value!r} is not a hex float32 (1 to 8 hex digits)")
         try:
-            scale = 0.0 if value == "0" else struct.unpack(">f", bytes.fromhex(value.rjust(8, "0")))[0]
+            scale = struct.unpack(">f", bytes.fromhex(value.rjust(8, "0")))[0]
         except ValueError:
             raise CacheFileError(f"{path}:{lineno}: {value!r} is not a hex float32") from None
+        if not (math.isfinite(scale) and scale >= 0):
+            raise CacheFileError(f"{path}:{lineno}: scale {scale!r} of {name.strip()!r} must be finite and >= 0")
         out[name.strip()] = float(torch.tensor(scale, dtype=torch.float32) * 127)
     return out
 

@@ -89,6 +89,7 @@ def dedupe_qdq(model: onnx.ModelProto) -> int:
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in graph.output}
     seen: Dict[tuple, onnx.NodeProto] = {}
     rename: Dict[str, str] = {}
     drop = set()
@@ -96,8 +97,8 @@ def dedupe_qdq(model: onnx.ModelProto) -> int:
         if n.op_type != "QuantizeLinear":
             continue
         dqs = consumers.get(n.output[0], [])
-        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
-            continue
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or dqs[0].output[0] in graph_outputs:
+            continue  # a DQ that is a graph output keeps its name (and so its own pair)
         scale = _constant_value(model, n.input[1])
         zp = _constant_value(model, n.input[2]) if len(n.input) > 2 else None
         if scale is None:
@@ -116,9 +117,6 @@ def dedupe_qdq(model: onnx.ModelProto) -> int:
         for i, name in enumerate(n.input):
             if name in rename:
                 n.input[i] = rename[name]
-    for o in graph.output:
-        if o.name in rename:  # never happens for Q/DQ feeding layers; keep graph outputs intact
-            return 0
     del graph.node[:]
     graph.node.extend(keep)
     return len(rename)
@@ -131,6 +129,7 @@ def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
     treat as a pooling layer; GlobalAveragePool is the same math and runs in INT8 after a DQ.
     """
     changed = 0
+    ranks = None
     for n in model.graph.node:
         if n.op_type != "ReduceMean":
             continue
@@ -140,7 +139,13 @@ def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
         if axes is None and len(n.input) > 1:
             v = _constant_value(model, n.input[1])
             axes = None if v is None else [int(a) for a in np.asarray(v).ravel()]
-        if keep != 1 or axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+        if keep != 1 or axes is None:
+            continue
+        if ranks is None:
+            ranks = _tensor_ranks(model)
+        # GlobalAveragePool averages every dimension after the channel: only the 4-D case is this ReduceMean
+        # (axes (-2, -1) of a 3-D tensor or (2, 3) of a 5-D one are not).
+        if ranks.get(n.input[0]) != 4 or sorted(a % 4 for a in axes) != [2, 3]:
             continue
         del n.input[1:]
         del n.attribute[:]
@@ -149,6 +154,21 @@ def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
     if changed:
         remove_unused_initializers(model)
     return changed
+
+
+def _tensor_ranks(model: onnx.ModelProto) -> Dict[str, int]:
+    """Rank of every tensor whose rank ONNX shape inference knows (empty if inference fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # an op shape inference does not know: rewrite nothing rather than guess
+        return {}
+    ranks: Dict[str, int] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            ranks[vi.name] = len(t.shape.dim)
+    return ranks
 
 
 def remove_unused_initializers(model: onnx.ModelProto) -> None:

@@ -1,0 +1,206 @@
+"""Shared helpers of the export flow tests: BN re-estimation, calibrated torchvision models, ONNX probes.
+
+Building and calibrating a torchvision model is the expensive part of the export tests, so
+:func:`calibrated` and :func:`exported` cache their results for the whole pytest process (the
+calibrated model is shared: tests must not modify it - export deep-copies it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+import trtquant
+
+_TMP = Path(tempfile.mkdtemp(prefix="trtquant-flows-"))
+atexit.register(shutil.rmtree, _TMP, True)
+
+#: Input size per model: 64x64 everywhere except Inception v3, whose stem needs >= 75x75.
+SIZES = {"resnet18": 64, "resnet50": 64, "mobilenet_v2": 64, "inception_v3": 96}
+
+
+def image_batches(n_batches: int, batch: int, size: int, seed: int) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n_batches)]
+
+
+def reestimate_bn(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
+    """Replace every BatchNorm's running statistics by the cumulative average over ``batches``.
+
+    A random-init network with default BN statistics (mean 0, var 1) is chaotic: activations grow or
+    vanish layer by layer and single rounding flips get amplified to different top-1 classes. BN
+    statistics estimated on the calibration data make it a well-conditioned network.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    model.train(was_training)
+    return model.eval()
+
+
+def float_model(name: str) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    if name == "inception_v3":
+        return torchvision.models.inception_v3(aux_logits=False, init_weights=False).eval()
+    return getattr(torchvision.models, name)().eval()
+
+
+def calib_batches(name: str) -> List[torch.Tensor]:
+    """Calibration (and BN re-estimation) data: 16 images for ResNet-18 (the parity model), 8 elsewhere."""
+    return image_batches(2, 8 if name == "resnet18" else 4, SIZES[name], seed=1)
+
+
+@functools.lru_cache(maxsize=None)
+def calibrated(name: str, method: str = "max") -> nn.Module:
+    """torchvision ``name``, random init, BN re-estimated on the calibration data, quantized, calibrated."""
+    model = float_model(name)
+    data = calib_batches(name)
+    reestimate_bn(model, data)
+    trtquant.quantize(model)
+    trtquant.calibrate(model, data, method=method, progress=False)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def exported(name: str, exporter: str, method: str = "max") -> Path:
+    """The fp32 Q/DQ ONNX of :func:`calibrated` (dynamic batch), written once per process."""
+    from trtquant.export.onnx import export_onnx
+
+    model = calibrated(name, method)
+    size = SIZES[name]
+    path = _TMP / f"{name}-{method}-{exporter}.onnx"
+    export_onnx(model, torch.zeros(1, 3, size, size), path, exporter=exporter, dtype="fp32")
+    return path
+
+
+# ---- ONNX probing ---------------------------------------------------------------------------------
+
+def constants(model) -> Dict[str, np.ndarray]:
+    """Initializers and Constant-node outputs by tensor name."""
+    from onnx import numpy_helper
+
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+    return out
+
+
+def activation_quantize_nodes(model) -> list:
+    """QuantizeLinear nodes whose data input is computed (not a constant weight)."""
+    consts = constants(model)
+    return [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts]
+
+
+def with_extra_outputs(model, outputs: Dict[str, int]):
+    """A copy of ``model`` that also returns the tensors ``{name: onnx elem type}``."""
+    import copy
+
+    from onnx import helper
+
+    m = copy.deepcopy(model)
+    present = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    for name, elem in outputs.items():
+        if name not in present:
+            m.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    return m
+
+
+def amax_for_scale(scale: np.float32, bound: int = 127) -> torch.Tensor:
+    """A float32 amax whose trtquant scale (amax / bound in float32) is exactly ``scale``."""
+    from trtquant.functional import amax_to_scale
+
+    target = torch.tensor(scale, dtype=torch.float32)
+    amax = target * bound
+    for _ in range(4):
+        got = amax_to_scale(amax, bound)
+        if torch.equal(got, target):
+            return amax
+        amax = torch.nextafter(amax, amax + (1.0 if bool(got < target) else -1.0))
+    raise AssertionError(f"no float32 amax maps to scale {float(scale)!r}")
+
+
+# ---- graph structure --------------------------------------------------------------------------
+
+def producers(model) -> Dict[str, object]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def conv_distances(model, tensor: str) -> Dict[str, int]:
+    """For every ancestor tensor of ``tensor``: the fewest Conv nodes on a path from it to ``tensor``.
+
+    Constant inputs (weights, scales, zero points) are not followed.
+    """
+    consts = constants(model)
+    prod = producers(model)
+    best: Dict[str, int] = {tensor: 0}
+    frontier = [tensor]
+    while frontier:
+        nxt = []
+        for t in frontier:
+            node = prod.get(t)
+            if node is None:
+                continue
+            step = 1 if node.op_type == "Conv" else 0
+            # A Conv's data input only (not its weight/bias); other ops: every non-constant input.
+            ins = [node.input[0]] if node.op_type == "Conv" else [i for i in node.input if i and i not in consts]
+            for i in ins:
+                d = best[t] + step
+                if i not in best or d < best[i]:
+                    best[i] = d
+                    nxt.append(i)
+        frontier = nxt
+    return best
+
+
+def identity_input(model, add) -> Tuple[int, Tuple[int, int]]:
+    """Index of the residual Add input that is the identity: fewer Convs back to the common ancestor.
+
+    Returns (index, (convs on input 0's path, convs on input 1's path)).
+    """
+    d0, d1 = conv_distances(model, add.input[0]), conv_distances(model, add.input[1])
+    common: Set[str] = set(d0) & set(d1)
+    assert common, f"{add.name}: the two Add inputs share no ancestor"
+    lca = min(common, key=lambda t: (d0[t] + d1[t], t))
+    c0, c1 = d0[lca], d1[lca]
+    assert c0 != c1, f"{add.name}: both inputs have {c0} convs back to {lca}; no identity branch"
+    return (0 if c0 < c1 else 1), (c0, c1)
+
+
+def residual_adds(model) -> list:
+    """Add nodes with two computed (non-constant) inputs."""
+    consts = constants(model)
+    return [n for n in model.graph.node
+            if n.op_type == "Add" and len(n.input) == 2 and not (set(n.input) & set(consts))]
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    return float((a64 - b64).norm() / b64.norm())
+
+
+def with_relative_noise(x: torch.Tensor, rel: float, seed: int) -> torch.Tensor:
+    """``x`` plus Gaussian noise with ||noise|| = rel * ||x|| per sample."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x.shape, generator=g)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    scale = rel * x.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
+    return x + noise * scale.reshape(shape)
