@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup typecheck lint-docker bench clean
+.PHONY: demo test setup typecheck accuracy bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,9 +27,13 @@ typecheck: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+accuracy: $(STAMP)
+	$(BIN)/python bench/accuracy.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/quant_overhead.py
 	$(BIN)/python bench/calibration.py
+	$(BIN)/python bench/ort_int8.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

@@ -17,7 +17,10 @@ from .errors import (
     CacheFileError, CalibrationError, CheckpointError, EngineBuildError, ExportError, QuantizerNotCalibratedError,
     TensorRTNotAvailableError, TrtQuantError,
 )
+from .qat import amax_param_groups, clamp_learned_amax, freeze_bn_stats, prepare_qat, unfreeze_bn_stats
 from .quantizer import TensorQuantizer
+from .sensitivity import FallbackReport, LayerSensitivity, auto_fallback, sensitivity
+from .states import QuantStateError, QuantStateWarning, get_state, set_state
 
 __version__ = "0.1.0"
 
@@ -25,4 +28,7 @@ __all__ = [
     "quantize", "calibrate", "load_state_dict", "save_calibration", "load_calibration", "write_trt_cache", "read_trt_cache", "export_trt_cache", "import_trt_cache", "collect_statistics", "compute_amax", "quantizers", "QuantConfig", "QuantDescriptor",
     "TensorQuantizer", "TrtQuantError", "CalibrationError", "CheckpointError", "CacheFileError", "ExportError",
     "EngineBuildError", "QuantizerNotCalibratedError", "TensorRTNotAvailableError",
+    "set_state", "get_state", "QuantStateError", "QuantStateWarning",
+    "prepare_qat", "amax_param_groups", "freeze_bn_stats", "unfreeze_bn_stats", "clamp_learned_amax",
+    "sensitivity", "auto_fallback", "LayerSensitivity", "FallbackReport",
 ]

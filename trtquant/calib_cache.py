@@ -67,7 +67,10 @@ def save_calibration(model: nn.Module, path: Optional[PathLike] = None) -> Path:
     """Store statistics and amax of every quantizer in one safetensors file (default calib_cache/)."""
     from safetensors.torch import save
 
+    from .quantizer import end_shared_observations
+
     name_quantizers(model)
+    end_shared_observations(quantizers(model).values())
     path = Path(path) if path is not None else DEFAULT_DIR / f"{type(model).__name__}-{fingerprint(model)[:12]}.safetensors"
     tensors: Dict[str, torch.Tensor] = {}
     info: Dict[str, Any] = {}

@@ -81,6 +81,7 @@ def calibration_mode(model: nn.Module, ignore_nonfinite: bool = False) -> Iterat
             if q._calibrator is None:
                 continue
             q._calibrator.reset()
+            q.__dict__.pop("_calib_alias", None)
             q._calibrator.ignore_nonfinite = ignore_nonfinite
             q.disable_quant()
             q.enable_calib()
@@ -135,6 +136,7 @@ def merge_across_ranks(qs: Dict[str, TensorQuantizer], group: Any = None) -> Non
     """
     import torch.distributed as dist
 
+    end_shared_observations(qs.values())
     names = sorted(qs)
     # Ranks that saw no data for a quantizer still take part, with an empty contribution.
     seen = torch.tensor([1 if qs[n]._calibrator is not None and qs[n]._calibrator.num_batches else 0 for n in names],
@@ -158,6 +160,7 @@ def merge_across_ranks(qs: Dict[str, TensorQuantizer], group: Any = None) -> Non
 def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = True, **method_kwargs: Any) -> None:
     """Set amax of every collected quantizer: histogram ones by ``method``, max ones by max."""
     name_quantizers(model)
+    end_shared_observations(quantizers(model).values())
     empty: List[str] = []
     nonfinite: List[str] = []
     for name, q in quantizers(model).items():

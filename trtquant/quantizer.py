@@ -32,9 +32,7 @@ _observed: dict = {}
 def end_shared_observations(quantizers) -> None:
     """Finish a calibration pass: aliased calibrators take their source's statistics."""
     for q in quantizers:
-        src = q.__dict__.pop("_calib_alias", None)
-        if src is not None and q._calibrator is not None:
-            q._calibrator.copy_from(src)
+        q.resolve_shared_observation()
     _observed.clear()
 
 
@@ -132,7 +130,14 @@ class TensorQuantizer(nn.Module):
         self._if_calib = True
 
     def disable_calib(self) -> None:
+        self.resolve_shared_observation()
         self._if_calib = False
+
+    def resolve_shared_observation(self) -> None:
+        """If this quantizer skipped binning a tensor another quantizer had just binned, take its statistics."""
+        src = self.__dict__.pop("_calib_alias", None)
+        if src is not None and self._calibrator is not None:
+            self._calibrator.copy_from(src)
 
     def enable_clip(self) -> None:
         self._if_clip = True
@@ -185,6 +190,7 @@ class TensorQuantizer(nn.Module):
         """Compute amax from the collected statistics (``method``: max, percentile, mse, entropy)."""
         if self._calibrator is None:
             raise CalibrationError(f"{self._label()} has no calibrator")
+        self.resolve_shared_observation()
         if self._calibrator.saw_nonfinite():
             raise CalibrationError(
                 f"{self._label()} saw NaN or inf values during calibration; fix the data or model, "
