@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
+from ._io import atomic_write_bytes
 from .calibrate import compute_amax, quantizers
 from .convert import name_quantizers
 from .errors import CacheFileError
@@ -36,31 +36,6 @@ def fingerprint(model: nn.Module) -> str:
         d = q.quant_desc
         entries.append([name, d.num_bits, None if d.axis is None else list(d.axis), d.unsigned, d.calib_method])
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write to a temp file beside ``path`` and rename: readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 def save_calibration(model: nn.Module, path: Optional[PathLike] = None) -> Path:

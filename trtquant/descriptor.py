@@ -6,7 +6,7 @@ immutable: changing a default means building a new descriptor, never mutating a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Tuple, Union
 
 import math

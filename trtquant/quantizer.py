@@ -8,7 +8,6 @@ uncalibrated quantizer has no amax entry, so float checkpoints load with ``stric
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Optional, Union
 
 import torch

@@ -28,19 +28,16 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
+from trtquant._io import atomic_write_bytes, atomic_write_text
 from trtquant.engine._trt import TrtVersion, cuda_device_info, import_tensorrt, parse_trt_version
 from trtquant.engine.inspect import engine_information_json
 from trtquant.errors import EngineBuildError
-
-if TYPE_CHECKING:
-    from typing_extensions import Buffer
 
 __all__ = [
     "METADATA_SCHEMA_VERSION",
@@ -85,36 +82,6 @@ ProfileShape = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 # --------------------------------------------------------------------------- file helpers
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: Buffer) -> Path:
-    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, ``os.replace``.
-
-    Readers see either the old file or the complete new one, never a torn engine or
-    timing cache, even when the process dies mid-write or two builds race.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

@@ -84,7 +84,6 @@ def dedupe_qdq(model: onnx.ModelProto) -> int:
     per-consumer scales. One shared pair is what it fuses.
     """
     graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
     consumers: Dict[str, list] = {}
     for n in graph.node:
         for i in n.input:

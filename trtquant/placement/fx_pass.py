@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import types
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch.fx as fx
 from torch import nn
