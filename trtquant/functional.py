@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from typing import Optional, Tuple
 
 import torch
@@ -62,28 +63,35 @@ def _ste_reference(grad: Tensor, x: Tensor, amax: Tensor) -> Tensor:
 # makes five passes over every activation, which costs more than the convolutions on a CPU.
 _FUSE_MIN_NUMEL = 1 << 16
 _fused: dict = {}
+# TRTQUANT_FUSED_KERNELS=0 selects the unfused reference everywhere.
 _fuse_enabled = os.environ.get("TRTQUANT_FUSED_KERNELS", "1") != "0"
 
 
 def _run(name: str, ref, numel: int, *args):
     """``ref(*args)``, through its compiled twin when the tensor is big enough to matter."""
-    global _fuse_enabled
     if not _fuse_enabled or numel < _FUSE_MIN_NUMEL or torch.compiler.is_compiling():
         return ref(*args)
     # Plain tensors only: a Parameter would be a different guard (and a recompile) per call site.
     args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
-    # One compiled kernel per signature (ranks, dtypes, device, integer range): each stays at one
-    # graph, so dynamo's recompile limit is never reached however many layer shapes a model has.
-    key = (name,) + tuple((a.dim(), a.dtype, a.device.type) if isinstance(a, Tensor) else a for a in args)
+    # One compiled kernel per signature - ranks, which dimensions are 1 (dynamo specialises those),
+    # dtypes, device, integer range - so each stays at one graph and never hits the recompile limit.
+    key = (name,) + tuple((tuple(d == 1 for d in a.shape), a.dtype, a.device.type) if isinstance(a, Tensor) else a
+                          for a in args)
     fn = _fused.get(key)
     if fn is None:
-        fn = _fused[key] = torch.compile(ref, dynamic=True, fullgraph=True)
+        # Dynamo caches compiled graphs per code object: a renamed copy of the code per signature
+        # gives each its own cache (and recompile budget).
+        code = ref.__code__.replace(co_name=f"{ref.__name__}_{len(_fused)}")
+        fresh = types.FunctionType(code, ref.__globals__, code.co_name, ref.__defaults__, ref.__closure__)
+        fn = _fused[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
+    if fn is ref:
+        return ref(*args)
     try:
         return fn(*args)
-    except Exception as e:  # no C++ compiler / Triton: stay correct, lose speed, say so once
-        _fuse_enabled = False
-        logger.warning("fused fake-quant kernel unavailable (%s: %s); using the unfused path",
-                       type(e).__name__, str(e).splitlines()[0][:200])
+    except Exception as e:  # no C++ compiler / Triton: stay correct, lose speed for this signature, say so
+        _fused[key] = ref
+        logger.warning("fused fake-quant kernel unavailable for %s (%s: %s); using the unfused path",
+                       key[0], type(e).__name__, str(e).splitlines()[0][:200])
         return ref(*args)
 
 
