@@ -82,17 +82,23 @@ def ort_flavor_(model: nn.Module) -> nn.Module:
 
 
 def _emulate_int32_bias_(model: nn.Module) -> None:
-    """Round each Conv(+BN)/Linear bias onto its accumulator grid, as the INT8 kernels will.
+    """Make this (exported) copy compute what the ONNX Runtime INT8 graph computes, op for op.
 
-    The ONNX Runtime graph folds BatchNorm into the conv and adds the bias as int32 codes of
-    s_in * s_w; doing the same to this (exported) copy keeps it an exact model of that graph.
+    That graph folds BatchNorm into the int8 weight codes (codes * sign(g), scale * |g|) and adds
+    biases as int32 codes of s_in * s_w. Here each Conv+BN becomes one conv with those folded weights
+    and the rounded bias (BN -> Identity), and Linear biases are rounded the same way.
+
+    export_onnx(target='onnxruntime') exports this copy, so the folded weight must stay a per-channel
+    weight Q/DQ: the weight quantizer stays enabled with an amax whose scale is the folded one, and the
+    weight is codes * that scale (fake quant returns it unchanged). The graph rewrite then finds no BN
+    and re-derives the same int8 codes and int32 bias codes, exactly; with the weight quantizer
+    disabled the graph would carry float weights, which ONNX Runtime re-quantizes per tensor itself.
     """
     import numpy as np
-    import torch.fx as fx
 
+    from ..functional import amax_to_scale, quant_bounds
     from ..nn.base import QuantMixin
     from ..placement.fx_pass import _QuantTracer
-    from ..functional import amax_to_scale, quant_bounds
     from .ort_graph import fold_bn_scale, int32_bias
 
     try:
@@ -111,22 +117,57 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
         s_in = float(amax_to_scale(iq.amax, quant_bounds(8, iq.unsigned)[2]).reshape(()))
         s_w = amax_to_scale(wq.amax, 127).reshape(-1).cpu().numpy()
         users = list(n.users)
-        bn = modules.get(str(users[0].target)) if len(users) == 1 and users[0].op == "call_module" else None
+        bn_name = str(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+        bn = modules.get(bn_name) if bn_name else None
+        w = layer.weight.detach().cpu().float()
         if isinstance(bn, nn.BatchNorm2d) and isinstance(layer, nn.Conv2d):
+            qmin, qmax, bound = quant_bounds(wq.num_bits, wq.unsigned, wq.narrow_range)
+            shape = [-1] + [1] * (w.dim() - 1)
+            with torch.no_grad():
+                w_fq = wq(layer.weight.detach()).cpu().float()  # the fake-quant weight the model uses
+                codes = torch.round(w_fq / torch.from_numpy(s_w).reshape(shape))
             bias0 = None if layer.bias is None else layer.bias.detach().cpu().numpy()
-            s_f, b_f, _ = fold_bn_scale(s_w, bn.weight.detach().cpu().numpy(), bn.bias.detach().cpu().numpy(),
-                                        bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps, bias0)
-            codes, s_b = int32_bias(b_f, s_in, s_f)
-            target = (codes.astype(np.float64) * s_b).astype(np.float32)
-            g = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            s_f, b_f, sign = fold_bn_scale(s_w, bn.weight.detach().cpu().numpy(), bn.bias.detach().cpu().numpy(),
+                                           bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps, bias0)
+            # amax whose float32 scale (amax / bound) is s_f; where no float32 amax hits s_f exactly, the
+            # nearest reachable scale is used on both sides (the graph exports this quantizer's scale).
+            amax_f = _amax_for_scales(torch.from_numpy(s_f), bound)
+            s_f = amax_to_scale(amax_f, bound).numpy()
+            folded_codes = (codes * torch.from_numpy(sign.astype(np.float32)).reshape(shape)).clamp_(qmin, qmax)
+            folded = folded_codes * torch.from_numpy(s_f).reshape(shape)
+            b_codes, s_b = int32_bias(b_f, s_in, s_f)
             with torch.no_grad():
-                # BN computes y*g - mean*g + beta (+ bias*g); make its constant term the rounded one.
-                extra = torch.zeros_like(g) if layer.bias is None else layer.bias.detach().double() * g
-                bn.bias.copy_((torch.from_numpy(target).double() + bn.running_mean.double() * g - extra).to(bn.bias.dtype))
+                layer.weight.data = folded.to(layer.weight.device)
+                bias = torch.from_numpy(b_codes.astype(np.float32) * s_b).to(layer.weight.device)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(bias)
+                else:
+                    layer.bias.data = bias
+                wq.amax = amax_f.reshape(wq.amax.shape)
+            layer._wq_cache = None
+            parent, _, child = bn_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
         elif layer.bias is not None and isinstance(layer, nn.Linear):
-            codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), s_in, s_w)
+            b_codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), s_in, s_w)
             with torch.no_grad():
-                layer.bias.copy_(torch.from_numpy((codes.astype(np.float64) * s_b).astype(np.float32)))
+                layer.bias.copy_(torch.from_numpy(b_codes.astype(np.float32) * s_b))
+
+
+def _amax_for_scales(scale: torch.Tensor, bound: int) -> torch.Tensor:
+    """float32 amax per element with amax_to_scale(amax, bound) == scale where one exists, else the nearest."""
+    from ..functional import amax_to_scale
+
+    target = scale.to(torch.float32)
+    amax = target * bound
+    for _ in range(4):
+        got = amax_to_scale(amax, bound)
+        step = torch.where(got < target, torch.full_like(amax, float("inf")), torch.full_like(amax, -float("inf")))
+        amax = torch.where(got == target, amax, torch.nextafter(amax, step))
+    # Among the candidates around the target keep the one whose scale is closest (exact where reachable).
+    cands = torch.stack([torch.nextafter(amax, torch.full_like(amax, -float("inf"))), amax,
+                         torch.nextafter(amax, torch.full_like(amax, float("inf")))])
+    err = (amax_to_scale(cands, bound).double() - target.double()).abs()
+    return cands.gather(0, err.argmin(0, keepdim=True)).squeeze(0)
 
 
 def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:

@@ -108,6 +108,10 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         dqs = G.consumers.get(q.output[0], [])
         if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
             continue
+        users = G.consumers.get(dqs[0].output[0], [])
+        if not users or any(u.op_type not in ("Conv", "Gemm", "ConvTranspose") or list(u.input).index(dqs[0].output[0]) != 1
+                            for u in users):
+            continue  # e.g. DQ -> Transpose -> MatMul (a Linear on 3-D input): left as exported
         w = G.const(q.input[0]).astype(np.float32)
         scale = G.const(q.input[1]).astype(np.float32)
         axis = _axis(q) if scale.ndim == 1 else None
