@@ -217,6 +217,17 @@ class TensorQuantizer(nn.Module):
         self.amax = amax
 
     # -- forward --------------------------------------------------------------------------------
+    def _share_key(self, amax: Tensor, x: Tensor) -> Optional[tuple]:
+        """Per-tensor, fixed amax, no autograd graph: a key under which equal quantizations of one tensor are shared."""
+        if self.quant_desc.per_channel or self.learn_amax or self._if_clip or x.dim() < 2 \
+                or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+            return None
+        cached = self.__dict__.get("_amax_value")
+        ident = (amax.data_ptr(), amax._version, amax.device)
+        if cached is None or cached[0] != ident:
+            cached = self._amax_value = (ident, float(amax))  # one host read per amax change
+        return (cached[1], self.num_bits, self.unsigned, self.narrow_range)
+
     def _observe(self, x: Tensor) -> None:
         import weakref
 
@@ -285,7 +296,17 @@ class TensorQuantizer(nn.Module):
             if amax.device != x.device:
                 amax = amax.to(x.device)
             if self.fake_quant:
-                return fake_quant(x, amax, self.num_bits, self.unsigned, self.narrow_range)
+                key = self._share_key(amax, x)
+                if key is not None:
+                    # A block input quantized by conv1's and the residual (or downsample) quantizer
+                    # with the same amax is quantized once; the result lives as long as the input.
+                    hit = x.__dict__.get("_trtquant_qdq")
+                    if hit is not None and hit[0] == key and hit[1] == x._version:
+                        return hit[2]
+                out = fake_quant(x, amax, self.num_bits, self.unsigned, self.narrow_range)
+                if key is not None:
+                    x._trtquant_qdq = (key, x._version, out)
+                return out
             codes, _ = quantize(x, amax, self.num_bits, self.unsigned, self.narrow_range)
             return codes
         return x

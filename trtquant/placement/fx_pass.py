@@ -230,12 +230,37 @@ def _rewrite_owner(model: nn.Module, owner: str, sites: List[Tuple[str, Optional
             args[1 - idx] = bnode
             state.rules[f"{owner}.{bname}" if owner else bname] = rules.RULE_ORT_BRANCH
         n.args = tuple(args)
+        if kind == "add":
+            _make_inplace_add(n, 1 - idx, dict(module.named_modules()))
         changed = True
     if changed:
         graph.lint()
         gm = fx.GraphModule(module, graph)
         # Only this module's own forward is replaced; its children keep their code.
         module.forward = types.MethodType(type(gm).forward, module)
+
+
+_NO_SAVED_OUTPUT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _make_inplace_add(add: fx.Node, branch: int, modules: Dict[str, nn.Module]) -> None:
+    """Accumulate into the conv-branch value, as ``out += identity`` did before tracing.
+
+    fx records ``+=`` as an out-of-place add (its Proxy has no __iadd__); the extra allocation per
+    block costs real time on CPU. Only done when the branch value comes (through our observer)
+    straight from a BatchNorm/Conv, whose backward does not need its output.
+    """
+    src = add.args[branch]
+    if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules.get(str(src.target)), TensorQuantizer):
+        src = src.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "call_module"
+            and isinstance(modules.get(str(src.target)), _NO_SAVED_OUTPUT) and len(src.users) == 1):
+        return
+    import operator
+
+    add.op, add.target = "call_function", operator.iadd
+    add.args = (add.args[branch], add.args[1 - branch])
+    add.kwargs = {}
 
 
 def _free_name(module: nn.Module, base: str) -> str:
