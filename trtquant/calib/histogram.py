@@ -76,9 +76,12 @@ class HistogramCalibrator(Calibrator):
         self._range: Optional[Tensor] = None
 
     def collect(self, x: Tensor) -> None:
-        xa = x.detach().abs()
-        if xa.dtype != torch.float32:
-            xa = xa.float()
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        # Most calibrated tensors are ReLU outputs: skip the |x| copy when nothing is negative
+        # (on the CPU the min is a cheap reduction, the copy is a fresh allocation).
+        xa = x if x.device.type == "cpu" and x.numel() and bool(x.amin() >= 0) else x.abs()
         if self.ignore_nonfinite:
             xa = torch.where(torch.isfinite(xa), xa, torch.zeros((), device=xa.device))
         if xa.device.type == "cpu":
