@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -93,3 +96,40 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model
+
+
+def qdq_conv_onnx(path: Path, *, zero_point: int = 0, channels: int = 16) -> Path:
+    """input (N, C, 8, 8) -> Q/DQ -> Conv CxC 3x3 (per-channel Q/DQ weights) -> Relu."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.1, (channels, channels, 3, 3)).astype(np.float32)
+    w_scale = (np.abs(weight).reshape(channels, -1).max(axis=1) / 127).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(weight, "conv.weight"),
+        numpy_helper.from_array(np.zeros(channels, np.float32), "conv.bias"),
+        numpy_helper.from_array(np.array(1 / 32, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(zero_point, np.int8), "x_zp"),
+        numpy_helper.from_array(w_scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(channels, np.int8), "w_zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zp"], ["x_q"], name="/conv/input_quantizer/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="/conv/input_quantizer/DequantizeLinear"),
+        helper.make_node("QuantizeLinear", ["conv.weight", "w_scale", "w_zp"], ["w_q"], name="/conv/weight_quantizer/QuantizeLinear", axis=0),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], name="/conv/weight_quantizer/DequantizeLinear", axis=0),
+        helper.make_node("Conv", ["x_dq", "w_dq", "conv.bias"], ["conv_out"], name="/conv/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv_out"], ["output"], name="/relu/Relu"),
+    ]
+    graph = helper.make_graph(
+        nodes, "qdq_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", channels, 8, 8])],
+        initializer=inits,
+    )
+    # IR 9 (onnx 1.15+): onnx's newest IR version can be ahead of what onnxruntime loads.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

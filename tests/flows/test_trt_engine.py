@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from trtquant.engine import _trt
+from _models import qdq_conv_onnx
 
 
 def _why_no_tensorrt() -> str | None:
@@ -35,47 +36,12 @@ pytestmark = [pytest.mark.trt, pytest.mark.gpu, pytest.mark.skipif(_SKIP_REASON 
 CHANNELS = 16
 
 
-def _qdq_conv_onnx(path: Path, *, zero_point: int = 0) -> Path:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weight = rng.normal(0, 0.1, (CHANNELS, CHANNELS, 3, 3)).astype(np.float32)
-    w_scale = (np.abs(weight).reshape(CHANNELS, -1).max(axis=1) / 127).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(weight, "conv.weight"),
-        numpy_helper.from_array(np.zeros(CHANNELS, np.float32), "conv.bias"),
-        numpy_helper.from_array(np.array(1 / 32, np.float32), "x_scale"),
-        numpy_helper.from_array(np.array(zero_point, np.int8), "x_zp"),
-        numpy_helper.from_array(w_scale, "w_scale"),
-        numpy_helper.from_array(np.zeros(CHANNELS, np.int8), "w_zp"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zp"], ["x_q"], name="/conv/input_quantizer/QuantizeLinear"),
-        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="/conv/input_quantizer/DequantizeLinear"),
-        helper.make_node("QuantizeLinear", ["conv.weight", "w_scale", "w_zp"], ["w_q"], name="/conv/weight_quantizer/QuantizeLinear", axis=0),
-        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], name="/conv/weight_quantizer/DequantizeLinear", axis=0),
-        helper.make_node("Conv", ["x_dq", "w_dq", "conv.bias"], ["conv_out"], name="/conv/Conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["conv_out"], ["output"], name="/relu/Relu"),
-    ]
-    graph = helper.make_graph(
-        nodes, "qdq_conv",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", CHANNELS, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", CHANNELS, 8, 8])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     from trtquant.engine import build_engine
 
     root = tmp_path_factory.mktemp("trt")
-    onnx_path = _qdq_conv_onnx(root / "qdq_conv.onnx")
+    onnx_path = qdq_conv_onnx(root / "qdq_conv.onnx")
     result = build_engine(onnx_path, root / "qdq_conv.engine", max_shapes={"input": 8}, opt_shapes={"input": 4},
                           timing_cache_path=root / "timing.cache", workspace_mib=256)
     return onnx_path, result
@@ -131,7 +97,7 @@ def test_parser_rejects_asymmetric_qdq_naming_the_node(tmp_path: Path) -> None:
     from trtquant.engine import build_engine
     from trtquant.errors import EngineBuildError
 
-    onnx_path = _qdq_conv_onnx(tmp_path / "asym.onnx", zero_point=3)
+    onnx_path = qdq_conv_onnx(tmp_path / "asym.onnx", zero_point=3)
     with pytest.raises(EngineBuildError) as info:
         build_engine(onnx_path, tmp_path / "asym.engine", max_shapes={"input": 2})
     assert "/conv/input_quantizer" in str(info.value)
