@@ -301,11 +301,11 @@ class TensorQuantizer(nn.Module):
                     # A block input quantized by conv1's and the residual (or downsample) quantizer
                     # with the same amax is quantized once; the result lives as long as the input.
                     hit = x.__dict__.get("_trtquant_qdq")
-                    if hit is not None and hit[0] == key and hit[1] == x._version:
-                        return hit[2]
+                    if hit is not None and hit[0] == key and hit[1] == x._version and hit[3] == hit[2]._version:
+                        return hit[2]  # neither the input nor the result was modified since
                 out = fake_quant(x, amax, self.num_bits, self.unsigned, self.narrow_range)
                 if key is not None:
-                    x._trtquant_qdq = (key, x._version, out)
+                    x._trtquant_qdq = (key, x._version, out, out._version)
                 return out
             codes, _ = quantize(x, amax, self.num_bits, self.unsigned, self.narrow_range)
             return codes
