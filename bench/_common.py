@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
+
+
+def resnet50_parser(doc: str, out: str, **extra: int) -> argparse.ArgumentParser:
+    """The arguments every ResNet-50 CPU benchmark takes (plus ``extra`` int options with defaults)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=224)
+    for name, default in extra.items():
+        ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def setup(args: argparse.Namespace) -> Tuple[torch.device, Callable[[], None]]:
+    """Threads and seed as asked; (device, a sync that waits for CUDA work or does nothing)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    return dev, (torch.cuda.synchronize if dev.type == "cuda" else (lambda: None))
 
 
 def machine() -> Dict[str, object]:

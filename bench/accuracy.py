@@ -13,7 +13,6 @@ model trains on first use (well under a minute on 2 CPU cores) and is cached in
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

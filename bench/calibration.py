@@ -9,7 +9,6 @@ percentile 0.01 s.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -27,18 +26,8 @@ from trtquant.calibrate import calibration_mode  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/calibration.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    args = _common.resnet50_parser(__doc__, "results/calibration.json", batches=4).parse_args()
+    dev, sync = _common.setup(args)
 
     fp = torchvision.models.resnet50().to(dev).eval()
     q = trtquant.quantize(copy.deepcopy(fp))

@@ -7,7 +7,6 @@ pytorch-quantization 2.1 measured 1.74x (inference) and 1.42x (train step).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -23,18 +22,8 @@ import trtquant  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/quant_overhead.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    args = _common.resnet50_parser(__doc__, "results/quant_overhead.json", repeats=5).parse_args()
+    dev, sync = _common.setup(args)
 
     fp = torchvision.models.resnet50().to(dev).eval()
     q = trtquant.quantize(copy.deepcopy(fp))

@@ -101,7 +101,7 @@ def main() -> int:
     device = (machine.get("gpu") or {}).get("name", "cpu") if isinstance(machine.get("gpu"), dict) else "cpu"
     out = Path("results") / f"suite_{dt.date.today()}_{str(device).replace(' ', '_')}_{backend}.json"
     _common.dump(str(out), {"machine": machine, "backend": backend, "results": results})
-    print(f"| model | precision | batch | median ms | p99 ms | samples/s |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+    print("| model | precision | batch | median ms | p99 ms | samples/s |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
     print(f"\nwrote {out}")
     return 0
 
