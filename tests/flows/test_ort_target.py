@@ -40,8 +40,14 @@ def test_int8_kernels_cover_the_convs(name: str, tmp_path) -> None:
             assert b_dq is not None and consts[b_dq.input[0]].dtype == np.int32, f"{conv.name}: float bias"
     opt = tmp_path / "opt.onnx"
     ort_session(path, optimize=True, optimized_model_path=str(opt))
-    n_int8, n_conv = int8_conv_fraction(onnx.load(str(opt)))
+    optimized = onnx.load(str(opt))
+    n_int8, n_conv = int8_conv_fraction(optimized)
     assert n_conv > 0 and n_int8 / n_conv >= 0.95, f"{name}: {n_int8}/{n_conv} Conv layers run as INT8 kernels"
+    # Unsigned post-activation quantizers let ONNX Runtime delete every ReLU/ReLU6: no float
+    # DQ -> act -> Q islands are left, only the input Q and the classifier's DQ.
+    ops = [n.op_type for n in optimized.graph.node]
+    assert not {"Relu", "Clip", "Add", "Conv"} & set(ops), sorted(set(ops))
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") <= 1, sorted(ops)
 
 
 def _torch_module_name(node) -> str:
@@ -59,8 +65,8 @@ def test_ort_graph_matches_its_fake_quant_model_teacher_forced(tmp_path) -> None
     """Unoptimised (Q/DQ executed literally), layer by layer, the graph computes what the ORT-flavoured
     model computes. Each check feeds torch the very tensor ONNX Runtime had:
 
-    (a) every activation QuantizeLinear: ORT's float input quantized in torch (uint8, zero point 128)
-        gives ORT's codes (<= 0.01 % off by one; measured 0 of 3.9M codes);
+    (a) every activation QuantizeLinear: ORT's float input quantized in torch (uint8, zero point 128,
+        or 0 where the quantizer is unsigned) gives ORT's codes (<= 0.01 % off by one; measured 0 of 3.9M codes);
     (b) every Conv/Gemm: the flavoured layer (folded int8 weight, int32-grid bias, its input quantizer)
         on ORT's dequantized input matches ORT's output to float-summation-order precision (measured
         rel L2 2e-7..6e-7 per layer), and the Q on a conv's output gives the same codes (<= 0.01 % off
@@ -107,7 +113,7 @@ def test_ort_graph_matches_its_fake_quant_model_teacher_forced(tmp_path) -> None
     # (a) Q numerics on ORT's own float inputs.
     total = differ = 0
     for q in qnodes:
-        assert consts[q.input[2]].dtype == np.uint8 and int(consts[q.input[2]]) == 128, q.name
+        assert consts[q.input[2]].dtype == np.uint8 and int(consts[q.input[2]]) in (0, 128), q.name
         d = (codes_of(torch.from_numpy(values[q.input[0]]), q) - torch.from_numpy(values[q.output[0]].astype(np.int32))).abs()
         differ += count(d, q.name)
         total += d.numel()
@@ -133,9 +139,14 @@ def test_ort_graph_matches_its_fake_quant_model_teacher_forced(tmp_path) -> None
 
     # (c) the same quantization points (up to exact copies through monotone ops).
     graph_scales = {float(consts[q.input[1]]) for q in qnodes}
-    model_scales = {float(amax_to_scale(q.amax, 127)) for q in trtquant.quantizers(flavored).values()
-                    if q.is_enabled and q._if_quant and q.amax is not None and not q.quant_desc.per_channel}
+    flavored_qs = [q for q in trtquant.quantizers(flavored).values()
+                   if q.is_enabled and q._if_quant and q.amax is not None and not q.quant_desc.per_channel]
+    model_scales = {float(amax_to_scale(q.amax, 255 if q.unsigned else 127)) for q in flavored_qs}
     assert graph_scales == model_scales, (sorted(graph_scales - model_scales), sorted(model_scales - graph_scales))
+    # Every post-ReLU quantizer is unsigned (zero point 0 in the graph); the residual conv branches are not.
+    unsigned = {float(consts[q.input[1]]) for q in qnodes if int(consts[q.input[2]]) == 0}
+    assert unsigned == {float(amax_to_scale(q.amax, 255)) for q in flavored_qs if q.unsigned}
+    assert 0 < sum(q.unsigned for q in flavored_qs) < len(flavored_qs)
 
 
 def test_ort_graph_end_to_end_loosely(tmp_path) -> None:

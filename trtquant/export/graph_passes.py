@@ -171,7 +171,11 @@ def _tensor_ranks(model: onnx.ModelProto) -> Dict[str, int]:
 
 
 def remove_unused_initializers(model: onnx.ModelProto) -> None:
+    """Drop initializers and Constant nodes nothing reads (rewrites leave the old scales behind)."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    dead = [n for n in model.graph.node if n.op_type == "Constant" and not any(o in used for o in n.output)]
+    for n in dead:
+        model.graph.node.remove(n)
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

@@ -25,6 +25,7 @@ from ..calib_cache import atomic_write_bytes
 from ..convert import name_quantizers
 from ..errors import ExportError
 from ..quantizer import TensorQuantizer
+from .ort_flavor import ort_flavor_
 
 logger = logging.getLogger(__name__)
 
@@ -64,110 +65,6 @@ def export_mode(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterato
     finally:
         for q in active:
             q._export = None
-
-
-def ort_flavor_(model: nn.Module) -> nn.Module:
-    """Turn on the observe-only quantizers that the ONNX Runtime INT8 graph also quantizes (in place)."""
-    missing = []
-    for name, q in model.named_modules():
-        if isinstance(q, TensorQuantizer) and q.ort_only and q.is_enabled:
-            if q.amax is None:
-                missing.append(name)
-            q.enable_quant()
-    if missing:
-        raise ExportError(f"the ONNX Runtime graph needs amax for {', '.join(missing[:10])}: calibrate the model "
-                          "after trtquant.quantize (these observe-only quantizers calibrate with the others)")
-    _emulate_int32_bias_(model)
-    return model
-
-
-def _emulate_int32_bias_(model: nn.Module) -> None:
-    """Make this (exported) copy compute what the ONNX Runtime INT8 graph computes, op for op.
-
-    That graph folds BatchNorm into the int8 weight codes (codes * sign(g), scale * |g|) and adds
-    biases as int32 codes of s_in * s_w. Here each Conv+BN becomes one conv with those folded weights
-    and the rounded bias (BN -> Identity), and Linear biases are rounded the same way.
-
-    export_onnx(target='onnxruntime') exports this copy, so the folded weight must stay a per-channel
-    weight Q/DQ: the weight quantizer stays enabled with an amax whose scale is the folded one, and the
-    weight is codes * that scale (fake quant returns it unchanged). The graph rewrite then finds no BN
-    and re-derives the same int8 codes and int32 bias codes, exactly; with the weight quantizer
-    disabled the graph would carry float weights, which ONNX Runtime re-quantizes per tensor itself.
-    """
-    import numpy as np
-
-    from ..functional import amax_to_scale, quant_bounds
-    from ..nn.base import QuantMixin
-    from ..placement.fx_pass import _QuantTracer
-    from .ort_graph import fold_bn_scale, int32_bias
-
-    try:
-        graph = _QuantTracer().trace(model)
-    except Exception:
-        return
-    modules = dict(model.named_modules())
-    for n in graph.nodes:
-        layer = modules.get(str(n.target)) if n.op == "call_module" else None
-        if not isinstance(layer, QuantMixin) or not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            continue
-        iq, wq = layer.input_quantizer, layer.weight_quantizer
-        if not (iq.is_enabled and iq._if_quant and wq.is_enabled and wq._if_quant) or iq.amax is None or wq.amax is None \
-                or not wq.quant_desc.per_channel or iq.quant_desc.per_channel:
-            continue
-        s_in = float(amax_to_scale(iq.amax, quant_bounds(8, iq.unsigned)[2]).reshape(()))
-        s_w = amax_to_scale(wq.amax, 127).reshape(-1).cpu().numpy()
-        users = list(n.users)
-        bn_name = str(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
-        bn = modules.get(bn_name) if bn_name else None
-        w = layer.weight.detach().cpu().float()
-        if isinstance(bn, nn.BatchNorm2d) and isinstance(layer, nn.Conv2d):
-            qmin, qmax, bound = quant_bounds(wq.num_bits, wq.unsigned, wq.narrow_range)
-            shape = [-1] + [1] * (w.dim() - 1)
-            with torch.no_grad():
-                w_fq = wq(layer.weight.detach()).cpu().float()  # the fake-quant weight the model uses
-                codes = torch.round(w_fq / torch.from_numpy(s_w).reshape(shape))
-            bias0 = None if layer.bias is None else layer.bias.detach().cpu().numpy()
-            s_f, b_f, sign = fold_bn_scale(s_w, bn.weight.detach().cpu().numpy(), bn.bias.detach().cpu().numpy(),
-                                           bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps, bias0)
-            # amax whose float32 scale (amax / bound) is s_f; where no float32 amax hits s_f exactly, the
-            # nearest reachable scale is used on both sides (the graph exports this quantizer's scale).
-            amax_f = _amax_for_scales(torch.from_numpy(s_f), bound)
-            s_f = amax_to_scale(amax_f, bound).numpy()
-            folded_codes = (codes * torch.from_numpy(sign.astype(np.float32)).reshape(shape)).clamp_(qmin, qmax)
-            folded = folded_codes * torch.from_numpy(s_f).reshape(shape)
-            b_codes, s_b = int32_bias(b_f, s_in, s_f)
-            with torch.no_grad():
-                layer.weight.data = folded.to(layer.weight.device)
-                bias = torch.from_numpy(b_codes.astype(np.float32) * s_b).to(layer.weight.device)
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(bias)
-                else:
-                    layer.bias.data = bias
-                wq.amax = amax_f.reshape(wq.amax.shape)
-            layer._wq_cache = None
-            parent, _, child = bn_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-        elif layer.bias is not None and isinstance(layer, nn.Linear):
-            b_codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), s_in, s_w)
-            with torch.no_grad():
-                layer.bias.copy_(torch.from_numpy(b_codes.astype(np.float32) * s_b))
-
-
-def _amax_for_scales(scale: torch.Tensor, bound: int) -> torch.Tensor:
-    """float32 amax per element with amax_to_scale(amax, bound) == scale where one exists, else the nearest."""
-    from ..functional import amax_to_scale
-
-    target = scale.to(torch.float32)
-    amax = target * bound
-    for _ in range(4):
-        got = amax_to_scale(amax, bound)
-        step = torch.where(got < target, torch.full_like(amax, float("inf")), torch.full_like(amax, -float("inf")))
-        amax = torch.where(got == target, amax, torch.nextafter(amax, step))
-    # Among the candidates around the target keep the one whose scale is closest (exact where reachable).
-    cands = torch.stack([torch.nextafter(amax, torch.full_like(amax, -float("inf"))), amax,
-                         torch.nextafter(amax, torch.full_like(amax, float("inf")))])
-    err = (amax_to_scale(cands, bound).double() - target.double()).abs()
-    return cands.gather(0, err.argmin(0, keepdim=True)).squeeze(0)
 
 
 def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:

@@ -7,6 +7,8 @@ in float there. Every rewrite below is exact on the symmetric grid, so the resul
 the fake-quant model computes:
 
 * activations: int8 zero point 0 -> uint8 zero point 128 (the same grid, the layout MLAS prefers);
+  an unsigned activation quantizer (non-negative input, see ort_flavor.py) stays uint8 zero point 0,
+  so ONNX Runtime's ReluQuantFusion/ClipQuantFusion delete the ReLU/Clip in front of it;
 * BatchNormalization folded into the int8 weight codes: codes * sign(g), scale * |g| per channel;
 * each activation Q/DQ is copied up through ReLU/MaxPool/Flatten/Reshape to the output of the op
   that produced the value (quantization commutes with these monotone ops), giving the output Q;
@@ -127,6 +129,7 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
 
     # 2. Activation pairs: tensor -> scale (per tensor, non-constant input).
     act_scale: Dict[str, float] = {}
+    unsigned: set = set()  # tensors quantized to uint8 with zero point 0 (non-negative by construction)
     rename: Dict[str, str] = {}
     for q in G.g.node:
         if q.op_type != "QuantizeLinear" or id(q) in drop:
@@ -138,6 +141,12 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
             continue
         act_scale[q.input[0]] = float(scale.reshape(()))
+        zp = G.const(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+        if zp is not None and zp.dtype == np.uint8:
+            if int(zp.reshape(())) != 0:
+                raise ValueError(f"{q.name}: uint8 activation Q with zero point {int(zp.reshape(()))}; "
+                                 "only symmetric (zero point 0) quantizers can be rewritten")
+            unsigned.add(q.input[0])
         for d in dqs:
             rename[d.output[0]] = q.input[0]
             drop.add(id(d))
@@ -198,15 +207,17 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
             if len(G.consumers.get(src, [])) != 1 or src in scales:
                 break
             scales[src] = s
+            if tensor in unsigned:  # Q_u(f(y)) == Q_u(f(Q_u(y))): f monotone, and f(y) < 0 iff it clamps to 0
+                unsigned.add(src)
             cur = src
 
-    # 5. Insert uint8 (zero point 128) Q -> DQ on every scaled tensor, for all of its consumers.
+    # 5. Insert uint8 Q -> DQ (zero point 128, or 0 for unsigned) on every scaled tensor, for all consumers.
     inserted: List[onnx.NodeProto] = []
     for tensor, s in scales.items():
         if G.const(tensor) is not None:
             continue
         sc = G.add_init(np.array(s, np.float32), "act_scale")
-        zp = G.add_init(np.array(128, np.uint8), "act_zp")
+        zp = G.add_init(np.array(0 if tensor in unsigned else 128, np.uint8), "act_zp")
         q_out, dq_out = G.fresh(tensor + "_q"), G.fresh(tensor + "_dq")
         inserted.append(helper.make_node("QuantizeLinear", [tensor, sc, zp], [q_out], name=q_out))
         inserted.append(helper.make_node("DequantizeLinear", [q_out, sc, zp], [dq_out], name=dq_out))
@@ -214,13 +225,12 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
             for i, name in enumerate(c.input):
                 if name == tensor:
                     c.input[i] = dq_out
-        for o in G.g.output:
-            if o.name == tensor:  # keep graph outputs float: rename back through an Identity
-                pass
         stats["activation_qdq" if tensor in act_scale else "output_qdq"] += 1
     G.g.node.extend(inserted)
     _topo_sort(G.g)
     G.refresh()
+
+    stats["activations_removed"] = _drop_noop_activations(G)
 
     # 6. int32 biases for ops whose activation input and weight are both dequantized.
     for n in list(G.g.node):
@@ -248,6 +258,63 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
 
     remove_unused_initializers(model)
     return model, stats
+
+
+def _qparams(G: _Graph, node: onnx.NodeProto) -> Optional[Tuple[float, int, int]]:
+    """(scale, zero point, dtype) of a per-tensor Q/DQ with constant parameters, else None."""
+    if len(node.input) < 3 or not node.input[2]:
+        return None
+    s, z = G.const(node.input[1]), G.const(node.input[2])
+    if s is None or z is None or s.size != 1 or z.size != 1:
+        return None
+    return float(s.reshape(())), int(z.reshape(())), int(helper.np_dtype_to_tensor_dtype(z.dtype))
+
+
+def _drop_noop_activations(G: _Graph) -> int:
+    """DQ(s, zp 0, uint8) -> Relu|Clip -> Q(same) -> DQ: the activation cannot change a code, remove it.
+
+    The output Q copied up in step 4 already clamps at 0 (and at code 255, which a ReLU6 max of 6
+    also maps to when amax <= 6 + s/2), so the Relu/Clip and the Q -> DQ after it are identities. ONNX Runtime deletes such a Relu itself
+    (ReluQuantFusion) but keeps the DQ -> Q pair left behind when the activation has several consumers
+    (a ResNet block output feeds conv1 and the next identity), which costs a float round trip.
+    """
+    removed = 0
+    for act in [n for n in G.g.node if n.op_type in ("Relu", "Clip")]:
+        dq = G.producer.get(act.input[0])
+        qs = G.consumers.get(act.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(qs) != 1 or qs[0].op_type != "QuantizeLinear" \
+                or G.is_graph_output(act.output[0]):
+            continue
+        q = qs[0]
+        p_in, p_out = _qparams(G, dq), _qparams(G, q)
+        if p_in is None or p_in != p_out or p_in[1] != 0 or p_in[2] != onnx.TensorProto.UINT8:
+            continue
+        if act.op_type == "Clip":
+            lo = G.const(act.input[1]) if len(act.input) > 1 and act.input[1] else None
+            hi = G.const(act.input[2]) if len(act.input) > 2 and act.input[2] else None
+            # A no-op on codes when lo quantizes to 0 and hi to 255 (QuantizeLinear: float32 x / s,
+            # half to even): every value the Clip changes lands on the code it would have had anyway.
+            s32 = np.float32(p_in[0])
+            if (lo is not None and np.rint(np.float32(lo) / s32) > 0) or \
+                    (hi is not None and np.rint(np.float32(hi) / s32) < 255):
+                continue
+        dqs = G.consumers.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" or _qparams(G, d) != p_in for d in dqs):
+            continue
+        for d in dqs:
+            for c in G.consumers.get(d.output[0], []):
+                for i, name in enumerate(c.input):
+                    if name == d.output[0]:
+                        c.input[i] = dq.output[0]
+            for o in G.g.output:
+                if o.name == d.output[0]:
+                    o.name = dq.output[0]
+            G.g.node.remove(d)
+        G.g.node.remove(q)
+        G.g.node.remove(act)
+        G.refresh()
+        removed += 1
+    return removed
 
 
 def _topo_sort(g: onnx.GraphProto) -> None:

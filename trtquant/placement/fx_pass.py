@@ -140,8 +140,24 @@ def _owner(node: fx.Node) -> str:
     return list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) else list(stack.keys())[-1]
 
 
-def _trace(module: nn.Module) -> fx.Graph:
-    return _QuantTracer().trace(module)
+def trace_quantized(module: nn.Module) -> fx.Graph:
+    """Trace with quantized layers and quantizers as leaves, honouring a rewritten instance forward.
+
+    torch.fx traces ``type(root).forward``; placement replaces the forward of the module that owns an
+    Add/pool on the instance, so a rewritten root is traced through a throw-away subclass.
+    """
+    forward = module.__dict__.get("forward")
+    if forward is None or not hasattr(forward, "__func__"):
+        return _QuantTracer().trace(module)
+    cls = type(module)
+    module.__class__ = type(cls.__name__, (cls,), {"forward": forward.__func__})
+    try:
+        return _QuantTracer().trace(module)
+    finally:
+        module.__class__ = cls
+
+
+_trace = trace_quantized
 
 
 def apply_trt_placement(model: nn.Module, cfg) -> PlacementState:

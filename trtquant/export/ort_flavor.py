@@ -1,0 +1,242 @@
+"""The ONNX Runtime flavour of a quantized model: what export_onnx(target='onnxruntime') computes.
+
+The ONNX Runtime INT8 graph differs from the TensorRT one in three exact, deliberate ways, and
+``ort_flavor_`` makes a PyTorch copy compute the same thing op for op (the copy is what is exported,
+and what parity tests compare ONNX Runtime against):
+
+* observe-only quantizers (the conv branch of residual Adds) quantize: QLinearAdd needs both scales;
+* Conv+BN are folded into int8 weight codes with int32-grid biases;
+* activation quantizers whose input is non-negative by construction (after ReLU/ReLU6/Clip(min>=0),
+  through MaxPool/AvgPool/Flatten/...) become unsigned 8-bit with the same amax: [0, 255] codes with
+  zero point 0. ONNX Runtime then deletes the ReLU/Clip (the integer output Q clamps at 0, and at
+  amax <= the Clip's max) instead of running a float DQ -> ReLU -> Q island per activation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Dict, Optional, Set
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import ExportError
+from ..quantizer import TensorQuantizer
+
+
+def ort_flavor_(model: nn.Module) -> nn.Module:
+    """Make ``model`` (in place) compute what its ONNX Runtime INT8 graph computes; returns it."""
+    missing = []
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.ort_only and q.is_enabled:
+            if q.amax is None:
+                missing.append(name)
+            q.enable_quant()
+    if missing:
+        raise ExportError(f"the ONNX Runtime graph needs amax for {', '.join(missing[:10])}: calibrate the model "
+                          "after trtquant.quantize (these observe-only quantizers calibrate with the others)")
+    unsigned_nonnegative_inputs_(model)
+    _emulate_int32_bias_(model)
+    return model
+
+
+def _emulate_int32_bias_(model: nn.Module) -> None:
+    """Make this (exported) copy compute what the ONNX Runtime INT8 graph computes, op for op.
+
+    That graph folds BatchNorm into the int8 weight codes (codes * sign(g), scale * |g|) and adds
+    biases as int32 codes of s_in * s_w. Here each Conv+BN becomes one conv with those folded weights
+    and the rounded bias (BN -> Identity), and Linear biases are rounded the same way.
+
+    export_onnx(target='onnxruntime') exports this copy, so the folded weight must stay a per-channel
+    weight Q/DQ: the weight quantizer stays enabled with an amax whose scale is the folded one, and the
+    weight is codes * that scale (fake quant returns it unchanged). The graph rewrite then finds no BN
+    and re-derives the same int8 codes and int32 bias codes, exactly; with the weight quantizer
+    disabled the graph would carry float weights, which ONNX Runtime re-quantizes per tensor itself.
+    """
+    import numpy as np
+
+    from ..functional import amax_to_scale, quant_bounds
+    from ..nn.base import QuantMixin
+    from ..placement.fx_pass import trace_quantized
+    from .ort_graph import fold_bn_scale, int32_bias
+
+    try:
+        graph = trace_quantized(model)
+    except Exception:
+        return
+    modules = dict(model.named_modules())
+    for n in graph.nodes:
+        layer = modules.get(str(n.target)) if n.op == "call_module" else None
+        if not isinstance(layer, QuantMixin) or not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        iq, wq = layer.input_quantizer, layer.weight_quantizer
+        if not (iq.is_enabled and iq._if_quant and wq.is_enabled and wq._if_quant) or iq.amax is None or wq.amax is None \
+                or not wq.quant_desc.per_channel or iq.quant_desc.per_channel:
+            continue
+        s_in = float(amax_to_scale(iq.amax, quant_bounds(8, iq.unsigned)[2]).reshape(()))
+        s_w = amax_to_scale(wq.amax, 127).reshape(-1).cpu().numpy()
+        users = list(n.users)
+        bn_name = str(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+        bn = modules.get(bn_name) if bn_name else None
+        w = layer.weight.detach().cpu().float()
+        if isinstance(bn, nn.BatchNorm2d) and isinstance(layer, nn.Conv2d):
+            qmin, qmax, bound = quant_bounds(wq.num_bits, wq.unsigned, wq.narrow_range)
+            shape = [-1] + [1] * (w.dim() - 1)
+            with torch.no_grad():
+                w_fq = wq(layer.weight.detach()).cpu().float()  # the fake-quant weight the model uses
+                codes = torch.round(w_fq / torch.from_numpy(s_w).reshape(shape))
+            bias0 = None if layer.bias is None else layer.bias.detach().cpu().numpy()
+            s_f, b_f, sign = fold_bn_scale(s_w, bn.weight.detach().cpu().numpy(), bn.bias.detach().cpu().numpy(),
+                                           bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps, bias0)
+            # amax whose float32 scale (amax / bound) is s_f; where no float32 amax hits s_f exactly, the
+            # nearest reachable scale is used on both sides (the graph exports this quantizer's scale).
+            amax_f = _amax_for_scales(torch.from_numpy(s_f), bound)
+            s_f = amax_to_scale(amax_f, bound).numpy()
+            folded_codes = (codes * torch.from_numpy(sign.astype(np.float32)).reshape(shape)).clamp_(qmin, qmax)
+            folded = folded_codes * torch.from_numpy(s_f).reshape(shape)
+            b_codes, s_b = int32_bias(b_f, s_in, s_f)
+            with torch.no_grad():
+                layer.weight.data = folded.to(layer.weight.device)
+                bias = torch.from_numpy(b_codes.astype(np.float32) * s_b).to(layer.weight.device)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(bias)
+                else:
+                    layer.bias.data = bias
+                wq.amax = amax_f.reshape(wq.amax.shape)
+            layer._wq_cache = None
+            parent, _, child = bn_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        elif layer.bias is not None and isinstance(layer, nn.Linear):
+            b_codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), s_in, s_w)
+            with torch.no_grad():
+                layer.bias.copy_(torch.from_numpy(b_codes.astype(np.float32) * s_b))
+
+
+def _amax_for_scales(scale: torch.Tensor, bound: int) -> torch.Tensor:
+    """float32 amax per element with amax_to_scale(amax, bound) == scale where one exists, else the nearest."""
+    from ..functional import amax_to_scale
+
+    target = scale.to(torch.float32)
+    amax = target * bound
+    for _ in range(4):
+        got = amax_to_scale(amax, bound)
+        step = torch.where(got < target, torch.full_like(amax, float("inf")), torch.full_like(amax, -float("inf")))
+        amax = torch.where(got == target, amax, torch.nextafter(amax, step))
+    # Among the candidates around the target keep the one whose scale is closest (exact where reachable).
+    cands = torch.stack([torch.nextafter(amax, torch.full_like(amax, -float("inf"))), amax,
+                         torch.nextafter(amax, torch.full_like(amax, float("inf")))])
+    err = (amax_to_scale(cands, bound).double() - target.double()).abs()
+    return cands.gather(0, err.argmin(0, keepdim=True)).squeeze(0)
+
+
+# Ops whose output is >= 0 whatever their input, and ops that keep a non-negative input non-negative.
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6)
+_NONNEG_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_}
+_NONNEG_METHODS = {"relu", "relu_"}
+_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                       nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                       nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Identity, nn.Dropout,
+                       TensorQuantizer)
+_PRESERVING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                         F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout,
+                         torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, operator.getitem}
+_PRESERVING_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous", "permute", "transpose"}
+
+
+def _bound_at_least_zero(n: fx.Node, name: str, position: int) -> bool:
+    v = n.kwargs.get(name, n.args[position] if len(n.args) > position else None)
+    return isinstance(v, (int, float)) and v >= 0
+
+
+def _nonnegative(n: object, modules: Dict[str, nn.Module], memo: Dict[fx.Node, bool]) -> bool:
+    """True when the value of fx node ``n`` is >= 0 for every input (structure, not observed data)."""
+    if not isinstance(n, fx.Node):
+        return False
+    if n in memo:
+        return memo[n]
+    memo[n] = False  # cycles cannot occur in an fx graph; this only guards re-entry
+    first = n.args[0] if n.args else None
+    result = False
+    if n.op == "call_module":
+        from ..nn.base import QuantInputMixin, QuantMixin
+
+        m = modules.get(str(n.target))
+        if isinstance(m, _NONNEG_MODULES):
+            result = True
+        elif isinstance(m, nn.Hardtanh):
+            result = m.min_val >= 0
+        elif isinstance(m, _PRESERVING_MODULES) or (isinstance(m, QuantInputMixin) and not isinstance(m, QuantMixin)):
+            result = _nonnegative(first, modules, memo)
+    elif n.op == "call_function":
+        if n.target in _NONNEG_FUNCTIONS:
+            result = True
+        elif n.target in (F.hardtanh, F.hardtanh_):
+            result = _bound_at_least_zero(n, "min_val", 1)
+        elif n.target in (torch.clamp, torch.clip):
+            result = _bound_at_least_zero(n, "min", 1) or _nonnegative(first, modules, memo)
+        elif n.target in (torch.cat, torch.concat):
+            result = isinstance(first, (list, tuple)) and all(_nonnegative(a, modules, memo) for a in first)
+        elif n.target in _PRESERVING_FUNCTIONS:
+            result = _nonnegative(first, modules, memo)
+    elif n.op == "call_method":
+        if n.target in _NONNEG_METHODS:
+            result = True
+        elif n.target in ("clamp", "clamp_", "clip"):
+            result = _bound_at_least_zero(n, "min", 1) or _nonnegative(first, modules, memo)
+        elif n.target in _PRESERVING_METHODS:
+            result = _nonnegative(first, modules, memo)
+    memo[n] = result
+    return result
+
+
+def nonnegative_input_quantizers(model: nn.Module) -> Optional[Set[str]]:
+    """Names of per-tensor activation quantizers that only ever see values >= 0; None if untraceable."""
+    from ..nn.base import QuantInputMixin
+    from ..placement.fx_pass import trace_quantized
+
+    try:
+        graph = trace_quantized(model)
+    except Exception:
+        return None
+    modules = dict(model.named_modules())
+    memo: Dict[fx.Node, bool] = {}
+    verdict: Dict[str, bool] = {}
+    for n in graph.nodes:
+        if n.op != "call_module":
+            continue
+        m = modules.get(str(n.target))
+        if isinstance(m, TensorQuantizer):
+            name = str(n.target)
+        elif isinstance(m, QuantInputMixin):
+            name = f"{n.target}.input_quantizer"
+        else:
+            continue
+        ok = _nonnegative(n.args[0] if n.args else None, modules, memo)
+        verdict[name] = verdict.get(name, True) and ok  # a quantizer called at several sites: all of them
+    return {name for name, ok in verdict.items() if ok}
+
+
+def unsigned_nonnegative_inputs_(model: nn.Module) -> int:
+    """Switch enabled per-tensor 8-bit activation quantizers with non-negative inputs to unsigned (same amax).
+
+    Returns how many were switched. On the symmetric int8 grid half of the codes of a post-ReLU
+    tensor are never used; unsigned keeps amax (the same clipping) with twice the resolution, and is
+    what lets ONNX Runtime drop the activation op.
+    """
+    names = nonnegative_input_quantizers(model)
+    if not names:
+        return 0
+    modules = dict(model.named_modules())
+    switched = 0
+    for name in sorted(names):
+        q = modules.get(name)
+        if not isinstance(q, TensorQuantizer) or not q.is_enabled or not q._if_quant or q.unsigned:
+            continue
+        d = q.quant_desc
+        if d.per_channel or d.num_bits != 8 or q.amax is None:
+            continue
+        q.quant_desc = dataclasses.replace(d, unsigned=True)
+        switched += 1
+    return switched
