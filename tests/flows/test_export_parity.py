@@ -132,6 +132,8 @@ def test_end_to_end_onnxruntime_vs_fake_quant_within_noise():
     # tiny, median top-2 gap 0.18 logit std). Require ORT to be within two binomial standard
     # deviations (~1 %) of the least stable noise draw, capped at the 99 %. Measured: ORT
     # 96.1 % (10 of 256 differ) against a threshold of 95.2 %.
+    # The issue's >= 99 % itself is asserted on a trained torchvision ResNet-18 in
+    # test_parity_trained.py (measured 100 %, rel L2 2.5e-3 vs 3.3e-3..4.4e-3 under noise).
     p_noise = min(noise_top1)
     sigma = float(np.sqrt(max(p_noise * (1 - p_noise), 1 / 256) / 256))
     threshold = min(0.99, p_noise - 2 * sigma)
