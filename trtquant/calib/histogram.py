@@ -10,14 +10,17 @@ The price: between num_bins/2 and num_bins bins lie below the maximum.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import _native
 from .base import Calibrator
 
 _TINY = 2.0 ** -100
+_FLT_MAX = 3.4028234663852886e38
 
 
 def _pow2_ceil(m: Tensor) -> Tensor:
@@ -79,6 +82,9 @@ class HistogramCalibrator(Calibrator):
         x = x.detach()
         if x.dtype != torch.float32:
             x = x.float()
+        if x.device.type == "cpu" and x.numel() and _native.load() is not None:
+            self._collect_native(x)
+            return
         # Most calibrated tensors are ReLU outputs: skip the |x| copy when nothing is negative
         # (on the CPU the min is a cheap reduction, the copy is a fresh allocation).
         xa = x if x.device.type == "cpu" and x.numel() and bool(x.amin() >= 0) else x.abs()
@@ -99,6 +105,38 @@ class HistogramCalibrator(Calibrator):
         counts = _bin_counts(xa, self._num_bins, new_range)
         if self._skip_zeros:
             counts[0] -= (xa == 0).sum()
+        self._hist = counts if self._hist is None else self._hist.add_(counts)
+        self.num_batches += 1
+
+    def _collect_native(self, x: Tensor) -> None:
+        # One read of x per batch (|x|, bins, max, zeros, out-of-range and non-finite counts together);
+        # a second only when the range grows. Counts equal torch.histc's on the same range.
+        n = self._num_bins
+        counts = torch.zeros(n, dtype=torch.int64)
+        if self._range is None:
+            lo, hi = torch.aminmax(x)
+            m = max(-float(lo), float(hi))
+            if not math.isfinite(m):  # inf/NaN present: the kernel finds the finite maximum
+                m = _native.abs_histogram(x, n, _FLT_MAX, torch.zeros(n, dtype=torch.int64)).max_abs
+            stats = _native.abs_histogram(x, n, float(_pow2_ceil(torch.tensor(m))), counts)
+            self._range = _pow2_ceil(torch.tensor(m))
+        else:
+            stats = _native.abs_histogram(x, n, float(self._range), counts)
+            if stats.over:
+                new_range = torch.maximum(self._range, _pow2_ceil(torch.tensor(stats.max_abs)))
+                counts.zero_()
+                stats = _native.abs_histogram(x, n, float(new_range), counts)
+                self._hist = rebin(self._hist, self._range, new_range)
+                self._range = new_range
+        zeros = stats.zeros
+        if stats.nonfinite:
+            if self.ignore_nonfinite:  # as if replaced by 0, like the other paths
+                counts[0] += stats.nonfinite
+                zeros += stats.nonfinite
+            else:
+                self._note_nonfinite(torch.tensor(float("nan")))
+        if self._skip_zeros:
+            counts[0] -= zeros
         self._hist = counts if self._hist is None else self._hist.add_(counts)
         self.num_batches += 1
 

@@ -12,14 +12,17 @@ from .base import Calibrator
 
 def reduce_amax(x: Tensor, axis=None, keepdims: bool = True) -> Tensor:
     """max |x| over every dimension except ``axis`` (kept with size, others size 1 when keepdims)."""
+    # max(max x, -min x) reads x without materialising |x| (a full-size copy); NaN propagates.
+    x = x.detach()
     if axis is None:
-        return x.detach().abs().amax()
+        lo, hi = torch.aminmax(x)
+        return torch.maximum(hi, -lo)
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     axes = tuple(a % x.dim() for a in axes)
     dims = [d for d in range(x.dim()) if d not in axes]
     if not dims:
-        return x.detach().abs()
-    return x.detach().abs().amax(dim=dims, keepdim=keepdims)
+        return x.abs()
+    return torch.maximum(x.amax(dim=dims, keepdim=keepdims), -x.amin(dim=dims, keepdim=keepdims))
 
 
 class MaxCalibrator(Calibrator):

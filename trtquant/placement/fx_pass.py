@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch.fx as fx
@@ -237,7 +237,9 @@ def _rewrite_owner(model: nn.Module, owner: str, sites: List[Tuple[str, Optional
             # The conv branch is not quantized for TensorRT (Conv+Add fuse), but ONNX Runtime's INT8
             # Add needs its scale: an observe-only quantizer calibrates it and stays off.
             bname = _free_name(module, "residual_branch_quantizer")
-            observer = TensorQuantizer(cfg.input)
+            # Max statistics: this scale only sizes ONNX Runtime's Add input (no clipping wanted), and a
+            # histogram of every conv-branch output would add a third to the calibration cost.
+            observer = TensorQuantizer(replace(cfg.input, calib_method="max"))
             observer.disable_quant()
             observer.ort_only = True
             module.add_module(bname, observer)
