@@ -12,7 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -179,6 +179,14 @@ def read_trt_cache(path: PathLike) -> Dict[str, float]:
     return out
 
 
+def _qdq_aliases(onnx_path: PathLike) -> Dict[str, List[str]]:
+    import onnx
+
+    from .export.graph_passes import qdq_aliases
+
+    return qdq_aliases(onnx.load(str(onnx_path), load_external_data=False))
+
+
 def _activation_qdq(onnx_path: PathLike):
     """(QuantizeLinear node, input tensor, float32 scale) for every per-tensor activation Q in a Q/DQ ONNX."""
     import numpy as np
@@ -220,21 +228,34 @@ def import_trt_cache(model: nn.Module, cache_path: PathLike, onnx_path: PathLike
     qs = quantizers(model)
     by_scope = {"/" + "/".join(_scope_parts(name)): name for name in qs}
     applied: Dict[str, float] = {}
+    aliases = _qdq_aliases(onnx_path)
     for node, tensor, _ in _activation_qdq(onnx_path):
-        if tensor not in amax_by_tensor:
+        if tensor not in amax_by_tensor or not amax_by_tensor[tensor] > 0:
             continue
-        scope = node.name.rsplit("/", 1)[0] if "/" in node.name else ""
-        qname = by_scope.get(scope)
-        if qname is not None and amax_by_tensor[tensor] > 0:
-            qs[qname].amax = torch.tensor(amax_by_tensor[tensor])
-            applied[qname] = amax_by_tensor[tensor]
-    left = [n for n, q in qs.items() if q.is_enabled and q._if_quant and q.amax is None]
+        # The node itself, and the quantizers whose identical Q/DQ on this tensor export merged into it.
+        for node_name in [node.name] + aliases.get(node.name, []):
+            scope = node_name.rsplit("/", 1)[0] if "/" in node_name else ""
+            qname = by_scope.get(scope)
+            if qname is not None:
+                qs[qname].amax = torch.tensor(amax_by_tensor[tensor])
+                applied[qname] = amax_by_tensor[tensor]
+    # Quantizers reading one tensor export as one Q node (the exporter merges identical nodes): the
+    # cache line of that tensor is theirs too.
+    from .placement.fx_pass import same_tensor_groups
+
+    for group in same_tensor_groups(model):
+        have = [applied[g] for g in group if g in applied]
+        for g in group:
+            if have and g not in applied and g in qs:
+                qs[g].amax = torch.tensor(have[0])
+                applied[g] = have[0]
+    left = [n for n, q in qs.items() if q.is_enabled and q._if_quant and q.amax is None and not q.quant_desc.per_channel]
     if applied and left:
         import logging
 
         logging.getLogger(__name__).warning(
-            "%d quantizer(s) got no amax from %s (they share a tensor with another quantizer, or the cache lacks "
-            "their tensor): %s", len(left), cache_path, ", ".join(left[:10]))
+            "%d quantizer(s) got no amax from %s (the cache lacks their tensor, or the ONNX was not exported "
+            "from this model): %s", len(left), cache_path, ", ".join(left[:10]))
     if not applied:
         raise CacheFileError(f"{cache_path}: no tensor name matched a quantizer of this model through {onnx_path} "
                              "(export the ONNX with exporter='legacy' from this model, whose node names carry module paths)")

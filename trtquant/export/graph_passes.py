@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict
+import json
+from typing import Dict, List
 
 import numpy as np
 import onnx
@@ -76,6 +77,25 @@ def fold_weight_quantize(model: onnx.ModelProto) -> int:
     return folded
 
 
+QDQ_ALIASES_KEY = "trtquant.qdq_aliases"
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def qdq_aliases(model: onnx.ModelProto) -> Dict[str, List[str]]:
+    """{kept QuantizeLinear name: names of the identical Q nodes dedupe_qdq merged into it}."""
+    for p in model.metadata_props:
+        if p.key == QDQ_ALIASES_KEY:
+            return json.loads(p.value)
+    return {}
+
+
 def dedupe_qdq(model: onnx.ModelProto) -> int:
     """Merge Q->DQ pairs that quantize the same tensor with the same scale, zero point and axis.
 
@@ -90,6 +110,7 @@ def dedupe_qdq(model: onnx.ModelProto) -> int:
             consumers.setdefault(i, []).append(n)
     graph_outputs = {o.name for o in graph.output}
     seen: Dict[tuple, onnx.NodeProto] = {}
+    aliases: Dict[str, List[str]] = {}
     rename: Dict[str, str] = {}
     drop = set()
     for n in graph.node:
@@ -107,10 +128,14 @@ def dedupe_qdq(model: onnx.ModelProto) -> int:
         if key in seen:
             rename[dqs[0].output[0]] = consumers[seen[key].output[0]][0].output[0]
             drop.update({id(n), id(dqs[0])})
+            if n.name and seen[key].name:
+                aliases.setdefault(seen[key].name, []).append(n.name)
         else:
             seen[key] = n
     if not rename:
         return 0
+    if aliases:  # which quantizers a kept Q node stands for (import_trt_cache maps amax back through it)
+        _set_metadata(model, QDQ_ALIASES_KEY, json.dumps(aliases, sort_keys=True))
     keep = [n for n in graph.node if id(n) not in drop]
     for n in keep:
         for i, name in enumerate(n.input):

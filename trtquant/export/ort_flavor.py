@@ -193,29 +193,15 @@ def _nonnegative(n: object, modules: Dict[str, nn.Module], memo: Dict[fx.Node, b
 
 def nonnegative_input_quantizers(model: nn.Module) -> Optional[Set[str]]:
     """Names of per-tensor activation quantizers that only ever see values >= 0; None if untraceable."""
-    from ..nn.base import QuantInputMixin
-    from ..placement.fx_pass import trace_quantized
+    from ..placement.fx_pass import quantizer_inputs
 
-    try:
-        graph = trace_quantized(model)
-    except Exception:
+    traced = quantizer_inputs(model)
+    if traced is None:
         return None
     modules = dict(model.named_modules())
     memo: Dict[fx.Node, bool] = {}
-    verdict: Dict[str, bool] = {}
-    for n in graph.nodes:
-        if n.op != "call_module":
-            continue
-        m = modules.get(str(n.target))
-        if isinstance(m, TensorQuantizer):
-            name = str(n.target)
-        elif isinstance(m, QuantInputMixin):
-            name = f"{n.target}.input_quantizer"
-        else:
-            continue
-        ok = _nonnegative(n.args[0] if n.args else None, modules, memo)
-        verdict[name] = verdict.get(name, True) and ok  # a quantizer called at several sites: all of them
-    return {name for name, ok in verdict.items() if ok}
+    # A quantizer called at several sites must see non-negative values at all of them.
+    return {name for name, inputs in traced.items() if all(_nonnegative(i, modules, memo) for i in inputs)}
 
 
 def unsigned_nonnegative_inputs_(model: nn.Module) -> int:

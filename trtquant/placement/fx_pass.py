@@ -160,6 +160,39 @@ def trace_quantized(module: nn.Module) -> fx.Graph:
 _trace = trace_quantized
 
 
+def quantizer_inputs(model: nn.Module) -> Optional[Dict[str, List[fx.Node]]]:
+    """{activation quantizer name: the fx node it reads, per call site}; None when the model does not trace.
+
+    Module quantizers of quantized layers read the layer's input; placement's own quantizers (residual,
+    pool) read their argument. Quantizers that read one node see one tensor.
+    """
+    try:
+        graph = trace_quantized(model)
+    except Exception:
+        return None
+    modules = dict(model.named_modules())
+    sites: Dict[str, List[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op != "call_module" or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        m = modules.get(str(n.target))
+        if isinstance(m, TensorQuantizer):
+            sites.setdefault(str(n.target), []).append(n.args[0])
+        elif isinstance(m, QuantInputMixin):
+            sites.setdefault(f"{n.target}.input_quantizer", []).append(n.args[0])
+    return sites
+
+
+def same_tensor_groups(model: nn.Module) -> List[List[str]]:
+    """Groups (size >= 2) of activation quantizers that read the same tensor at their only call site."""
+    sites = quantizer_inputs(model) or {}
+    by_node: Dict[fx.Node, List[str]] = {}
+    for name, nodes in sites.items():
+        if len(nodes) == 1:
+            by_node.setdefault(nodes[0], []).append(name)
+    return [g for g in by_node.values() if len(g) > 1]
+
+
 def apply_trt_placement(model: nn.Module, cfg) -> PlacementState:
     """Add/disable quantizers for TensorRT fusion; records a PlacementState on the model."""
     state = PlacementState()
