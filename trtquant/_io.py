@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every artifact and cache trtquant writes."""
+"""Atomic file writes shared by every artifact and cache trtquant writes, and where the caches live."""
 
 from __future__ import annotations
 
@@ -36,3 +36,10 @@ def atomic_write_bytes(path: Union[str, "os.PathLike[str]"], data: Any) -> Path:
 def atomic_write_text(path: Union[str, "os.PathLike[str]"], text: str) -> Path:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def cache_dir() -> Path:
+    """trtquant's per-user cache (trained models, compiled kernels): ``$TRTQUANT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/trtquant`` or ``~/.cache/trtquant`` (never in git)."""
+    env = os.environ.get("TRTQUANT_CACHE_DIR")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtquant"

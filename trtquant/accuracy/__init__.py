@@ -8,15 +8,7 @@ sentence-transformers); nothing here is imported by ``import trtquant``.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-
-def cache_dir() -> Path:
-    """Where trained models live: ``$TRTQUANT_CACHE_DIR``, else ``~/.cache/trtquant`` (never in git)."""
-    env = os.environ.get("TRTQUANT_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtquant"
-    return base
+from .._io import cache_dir  # where trained models are cached
 
 
 __all__ = ["cache_dir"]

@@ -24,6 +24,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._io import cache_dir
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_native_hist.c")
@@ -36,12 +38,6 @@ class HistStats(NamedTuple):
     zeros: int
     over: int  # finite values above the range: not counted
     nonfinite: int  # NaN/inf: not counted
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("TRTQUANT_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtquant"
-    return base / "native"
 
 
 def _compiler() -> Optional[str]:
@@ -80,7 +76,7 @@ def load() -> Optional[ctypes.CDLL]:
         logger.info("no C compiler found: CPU histograms use torch.histc (slower)")
         return None
     key = hashlib.sha256(_SOURCE.read_bytes() + platform.machine().encode() + cc.encode()).hexdigest()[:16]
-    path = _cache_dir() / f"abs_histogram-{key}.so"
+    path = cache_dir() / "native" / f"abs_histogram-{key}.so"
     try:
         if not path.is_file():
             _build(cc, path)
