@@ -36,7 +36,7 @@ def test_cli_resnet18_onnxruntime_flow(tmp_path: Path) -> None:
     run("export", "q_cal.pt", "-o", "r18_ort.onnx", "--size", "64", "--exporter", "legacy", "--target", "onnxruntime",
         cwd=tmp_path)
     out = run("build", "r18_ort.onnx", "--backend", "onnxruntime", "-o", "r18_ort.opt.onnx", cwd=tmp_path)
-    assert (tmp_path / "r18_ort.opt.onnx").is_file()
+    assert (tmp_path / "r18_ort.opt.onnx").is_file() and "20/20 Conv layers as INT8 kernels" in out.stdout
     out = run("bench", "r18_ort.onnx", "--backend", "onnxruntime", "--batch-sizes", "1,2", "--input-shape", "3,64,64",
               "--duration", "0.2", "--warmup", "0.05", "--iterations", "3", "--json", "bench.json", cwd=tmp_path)
     bench = json.loads((tmp_path / "bench.json").read_text())
@@ -46,6 +46,12 @@ def test_cli_resnet18_onnxruntime_flow(tmp_path: Path) -> None:
               "--json", "cmp.json", cwd=tmp_path)
     cmp = json.loads((tmp_path / "cmp.json").read_text())
     assert cmp["outputs"][0]["cosine"] > 0.99
+    assert cmp["int8_conv_fraction"] == 0.0  # the TensorRT graph: ONNX Runtime runs it in float
+    out = run("compare", "q_cal.pt", "r18_ort.onnx", "--size", "64", "--num-batches", "1", "--batch-size", "4",
+              "--json", "cmp_ort.json", cwd=tmp_path)
+    cmp = json.loads((tmp_path / "cmp_ort.json").read_text())
+    assert cmp["int8_conv_fraction"] == 1.0 and "20/20" in out.stdout and "ONNX Runtime flavour" in out.stdout
+    assert cmp["outputs"][0]["cosine"] > 0.999
 
 
 def test_cli_build_without_tensorrt_exits_2(tmp_path: Path) -> None:

@@ -169,6 +169,10 @@ def test_ort_graph_end_to_end_loosely(tmp_path) -> None:
                  for _ in range(3)]
     assert got.rel_l2 <= 2 * max(noise), f"ORT graph rel L2 {got.rel_l2:.3e} vs fake-quant noise {noise}"
     assert got.cosine > 0.999
+    # compare() recognises the ONNX Runtime graph and flavours the plain model itself.
+    plain = compare(model, path, x, optimize=False)
+    assert plain.outputs[0] == got and any("flavour" in n for n in plain.notes)
+    assert plain.int8_conv_fraction == 1.0
     fused = compare(flavored, path, x, optimize=True).outputs[0]
     assert fused.cosine > 0.995, f"fused INT8 kernels: rel L2 {fused.rel_l2:.3e}, cosine {fused.cosine:.5f}"
 

@@ -154,7 +154,13 @@ def cmd_build(a: argparse.Namespace) -> int:
 
         out = a.output or str(Path(a.onnx).with_suffix(".ort.onnx"))
         ort_session(a.onnx, optimize=True, threads=a.threads, optimized_model_path=out)
-        print(f"ONNX Runtime optimized graph (CPU provider, ORT_ENABLE_ALL) -> {out}")
+        import onnx
+
+        from ..export.ort_graph import int8_conv_fraction
+
+        n_int8, n_conv = int8_conv_fraction(onnx.load(out))
+        print(f"ONNX Runtime optimized graph (CPU provider, ORT_ENABLE_ALL) -> {out}"
+              + (f"; {n_int8}/{n_conv} Conv layers as INT8 kernels" if n_conv else ""))
         return 0
     from ..engine import build_engine
 

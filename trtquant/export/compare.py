@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Union
@@ -9,6 +10,8 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+
+TARGET_KEY = "trtquant.target"  # metadata export_onnx writes: which runtime the graph is for
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Comparison:
             f"{'-' if o.top1_agreement is None else f'{100 * o.top1_agreement:.2f}%'} |"
             for o in self.outputs
         ]
-        return "\n".join([head, *rows])
+        return "\n".join([head, *rows, *(f"\n{n}" for n in self.notes)])
 
 
 def ort_session(onnx_path: Union[str, os.PathLike], optimize: bool = False, threads: Optional[int] = None,
@@ -71,8 +74,26 @@ def metrics(name: str, ref: np.ndarray, out: np.ndarray) -> OutputComparison:
 
 
 def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[torch.Tensor, Iterable[Any]],
-            optimize: bool = False, batch_size: Optional[int] = None) -> Comparison:
-    """Run ``inputs`` (a tensor, or batches of tensors/tuples) through both and compare every output."""
+            optimize: bool = False, batch_size: Optional[int] = None, int8_kernels: bool = True) -> Comparison:
+    """Run ``inputs`` (a tensor, or batches of tensors/tuples) through both and compare every output.
+
+    A graph exported with target='onnxruntime' is compared with the ONNX Runtime flavour of
+    ``model`` (what it computes). ``int8_kernels`` also reports how many Conv layers ONNX Runtime's
+    optimized graph runs as INT8 kernels (one extra optimized session).
+    """
+    notes: List[str] = []
+    if onnx_target(onnx_path) == "onnxruntime":
+        # That graph computes what the ONNX Runtime flavour of the model computes (unsigned post-ReLU
+        # quantizers, folded BatchNorm, int32 biases), not the TensorRT fake quant: compare with it.
+        from .ort_flavor import ort_flavor_
+
+        model = ort_flavor_(copy.deepcopy(model))
+        notes.append("reference: the ONNX Runtime flavour of the model (export target 'onnxruntime')")
+    fraction = None
+    if int8_kernels:
+        fraction = int8_kernel_fraction(onnx_path)
+        if fraction is not None:
+            notes.append(f"Conv layers ONNX Runtime runs as INT8 kernels (optimized graph): {fraction[0]}/{fraction[1]}")
     sess = ort_session(onnx_path, optimize=optimize)
     in_names = [i.name for i in sess.get_inputs()]
     out_names = [o.name for o in sess.get_outputs()]
@@ -95,4 +116,28 @@ def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[
             outs[i].append(np.asarray(got[i], dtype=np.float32))
         n += int(args[0].shape[0])
     result = [metrics(name, np.concatenate(refs[i]), np.concatenate(outs[i])) for i, name in enumerate(out_names)]
-    return Comparison(result, n, "ORT_ENABLE_ALL" if optimize else "ORT_DISABLE_ALL")
+    return Comparison(result, n, "ORT_ENABLE_ALL" if optimize else "ORT_DISABLE_ALL",
+                      None if not fraction else fraction[0] / fraction[1], notes)
+
+
+def onnx_target(onnx_path: Union[str, os.PathLike]) -> Optional[str]:
+    """The ``target`` export_onnx wrote the file for ('tensorrt' / 'onnxruntime'), None for other files."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return next((p.value for p in proto.metadata_props if p.key == TARGET_KEY), None)
+
+
+def int8_kernel_fraction(onnx_path: Union[str, os.PathLike]) -> Optional[tuple]:
+    """(Conv layers ONNX Runtime's CPU provider runs as INT8 kernels, all Conv layers), None without convs."""
+    import tempfile
+
+    import onnx
+
+    from .ort_graph import int8_conv_fraction
+
+    with tempfile.TemporaryDirectory() as d:
+        opt = os.path.join(d, "optimized.onnx")
+        ort_session(onnx_path, optimize=True, optimized_model_path=opt)
+        n_int8, n_conv = int8_conv_fraction(onnx.load(opt))
+    return (n_int8, n_conv) if n_conv else None

@@ -160,6 +160,9 @@ def export_onnx(
 
         to_onnxruntime_graph(proto)
     name_qdq_nodes(proto)
+    from .compare import TARGET_KEY
+
+    proto.metadata_props.add(key=TARGET_KEY, value=target)
     if weights == "dq_only":
         fold_weight_quantize(proto)
     data = proto.SerializeToString()

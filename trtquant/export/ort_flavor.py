@@ -28,6 +28,8 @@ from ..quantizer import TensorQuantizer
 
 def ort_flavor_(model: nn.Module) -> nn.Module:
     """Make ``model`` (in place) compute what its ONNX Runtime INT8 graph computes; returns it."""
+    if getattr(model, "_trtquant_ort_flavor", False):
+        return model  # already flavoured: folding BatchNorm twice would be wrong
     missing = []
     for name, q in model.named_modules():
         if isinstance(q, TensorQuantizer) and q.ort_only and q.is_enabled:
@@ -39,6 +41,7 @@ def ort_flavor_(model: nn.Module) -> nn.Module:
                           "after trtquant.quantize (these observe-only quantizers calibrate with the others)")
     unsigned_nonnegative_inputs_(model)
     _emulate_int32_bias_(model)
+    model._trtquant_ort_flavor = True
     return model
 
 
