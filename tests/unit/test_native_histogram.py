@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -93,6 +94,18 @@ def test_nonfinite_is_reported_like_the_other_paths(monkeypatch) -> None:
     x[10] = float("nan")
     native, fallback = _both_paths(monkeypatch, [torch.randn(1000), x])
     assert native.saw_nonfinite() and fallback.saw_nonfinite()
+    assert torch.equal(native._hist, fallback._hist) and int(native._hist.sum()) == 2000
+
+
+@pytest.mark.parametrize("top", [1024.0001, 1024.0, 0.7500001, 3.0e-5])
+def test_range_is_an_exact_power_of_two_and_nothing_is_dropped(top: float) -> None:
+    """float32 log2(1024.0001) rounds to 10: a range from it would drop the maximum."""
+    x = torch.tensor([0.5 * top, -top, top], dtype=torch.float32)
+    cal = HistogramCalibrator()
+    cal.collect(x)
+    r = float(cal._range)
+    assert r >= float(x.abs().max()) and r / 2 < float(x.abs().max()) and r == 2.0 ** round(math.log2(r))
+    assert int(cal._hist.sum()) == 3
 
 
 def test_falls_back_without_a_compiler(monkeypatch, caplog) -> None:

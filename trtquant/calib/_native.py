@@ -18,6 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_native_hist.c")
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
+_lock = threading.Lock()
 
 
 class HistStats(NamedTuple):
@@ -63,32 +65,51 @@ def _build(cc: str, out: Path) -> None:
             os.unlink(tmp)
 
 
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except Exception:
+        return ""
+
+
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None (no compiler, build error, or disabled): callers fall back."""
     global _lib, _tried
     if _tried:
         return _lib
-    _tried = True
+    with _lock:
+        if not _tried:
+            _lib = _load()
+            _tried = True
+    return _lib
+
+
+def _load() -> Optional[ctypes.CDLL]:
     if os.environ.get("TRTQUANT_NATIVE_HISTOGRAM", "1") == "0" or sys.platform == "win32":
         return None
     cc = _compiler()
     if cc is None:
         logger.info("no C compiler found: CPU histograms use torch.histc (slower)")
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + platform.machine().encode() + cc.encode()).hexdigest()[:16]
+    key = hashlib.sha256(_SOURCE.read_bytes() + platform.machine().encode() + cc.encode()
+                         + _compiler_version(cc).encode()).hexdigest()[:16]
     path = cache_dir() / "native" / f"abs_histogram-{key}.so"
     try:
         if not path.is_file():
             _build(cc, path)
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a stale or foreign build (a cache shared between machines): rebuild once
+            _build(cc, path)
+            lib = ctypes.CDLL(str(path))
         fn = lib.trtq_abs_histogram_f32
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p,
                        ctypes.c_int32, ctypes.c_void_p]
-        _lib = lib
+        return lib
     except Exception as e:  # never fail calibration over the fast path
         logger.warning("CPU histogram kernel unavailable (%s); using torch.histc", e)
-    return _lib
+        return None
 
 
 def dense_view(x: Tensor) -> Optional[Tensor]:

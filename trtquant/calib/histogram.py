@@ -24,7 +24,10 @@ _FLT_MAX = 3.4028234663852886e38
 
 
 def _pow2_ceil(m: Tensor) -> Tensor:
-    return torch.exp2(torch.ceil(torch.log2(m.clamp_min(_TINY))))
+    """The smallest power of two >= m, exactly (float32 log2 would round 1024.0001 down to 2^10)."""
+    m = m.to(torch.float32).clamp_min(_TINY)
+    mantissa, exponent = torch.frexp(m)  # m = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(m), torch.where(mantissa == 0.5, exponent - 1, exponent))
 
 
 def rebin(hist: Tensor, old_range: Tensor, new_range: Tensor) -> Tensor:
@@ -128,12 +131,13 @@ class HistogramCalibrator(Calibrator):
                 stats = _native.abs_histogram(x, n, float(new_range), counts)
                 self._hist = rebin(self._hist, self._range, new_range)
                 self._range = new_range
+        if stats.over:  # cannot happen with an exact power-of-two range; never drop values silently
+            raise RuntimeError(f"histogram: {stats.over} values above the range {float(self._range)}")
         zeros = stats.zeros
-        if stats.nonfinite:
-            if self.ignore_nonfinite:  # as if replaced by 0, like the other paths
-                counts[0] += stats.nonfinite
-                zeros += stats.nonfinite
-            else:
+        if stats.nonfinite:  # counted as 0 (the value they are replaced by), like the other paths
+            counts[0] += stats.nonfinite
+            zeros += stats.nonfinite
+            if not self.ignore_nonfinite:
                 self._note_nonfinite(torch.tensor(float("nan")))
         if self._skip_zeros:
             counts[0] -= zeros

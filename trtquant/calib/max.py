@@ -16,13 +16,13 @@ def reduce_amax(x: Tensor, axis=None, keepdims: bool = True) -> Tensor:
     x = x.detach()
     if axis is None:
         lo, hi = torch.aminmax(x)
-        return torch.maximum(hi, -lo)
+        return torch.maximum(hi, -lo).abs()  # abs: +0.0 for an all -0.0 tensor
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     axes = tuple(a % x.dim() for a in axes)
     dims = [d for d in range(x.dim()) if d not in axes]
     if not dims:
         return x.abs()
-    return torch.maximum(x.amax(dim=dims, keepdim=keepdims), -x.amin(dim=dims, keepdim=keepdims))
+    return torch.maximum(x.amax(dim=dims, keepdim=keepdims), -x.amin(dim=dims, keepdim=keepdims)).abs()
 
 
 class MaxCalibrator(Calibrator):

@@ -195,9 +195,20 @@ def _tensor_ranks(model: onnx.ModelProto) -> Dict[str, int]:
     return ranks
 
 
+def _names_read(graph: onnx.GraphProto) -> set:
+    """Every tensor name a node reads, including nodes of If/Loop/Scan bodies (they see outer names)."""
+    names = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _names_read(g)
+    return names
+
+
 def remove_unused_initializers(model: onnx.ModelProto) -> None:
     """Drop initializers and Constant nodes nothing reads (rewrites leave the old scales behind)."""
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    used = _names_read(model.graph) | {o.name for o in model.graph.output}
     dead = [n for n in model.graph.node if n.op_type == "Constant" and not any(o in used for o in n.output)]
     for n in dead:
         model.graph.node.remove(n)

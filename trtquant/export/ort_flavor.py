@@ -148,9 +148,48 @@ _PRESERVING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
 _PRESERVING_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous", "permute", "transpose"}
 
 
-def _bound_at_least_zero(n: fx.Node, name: str, position: int) -> bool:
-    v = n.kwargs.get(name, n.args[position] if len(n.args) > position else None)
-    return isinstance(v, (int, float)) and v >= 0
+_UNSET = object()
+
+
+def _arg(n: fx.Node, name: str, position: int):
+    return n.kwargs.get(name, n.args[position] if len(n.args) > position else _UNSET)
+
+
+def _clamp_nonnegative(n: fx.Node, lo_name: str, hi_name: str, input_nonneg) -> bool:
+    """clamp/hardtanh-like op: >= 0 iff its max is absent or a number >= 0, and its min a number >= 0 or
+    its input non-negative (torch.clamp with min > max returns max)."""
+    lo, hi = _arg(n, lo_name, 1), _arg(n, hi_name, 2)
+    if hi is not _UNSET and hi is not None and not (isinstance(hi, (int, float)) and hi >= 0):
+        return False
+    if isinstance(lo, (int, float)) and not isinstance(lo, bool) and lo >= 0:
+        return True
+    return (lo is _UNSET or lo is None) and input_nonneg()
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.imatmul}
+_KEEPS_NONNEG_INPLACE = (nn.ReLU, nn.ReLU6, nn.Dropout)
+
+
+def _mutated(n: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether a user may overwrite ``n`` in place with values that can be negative."""
+    for u in n.users:
+        if not u.args or u.args[0] is not n:
+            continue
+        if u.op == "call_function":
+            name = getattr(u.target, "__name__", "")
+            if u.target in _INPLACE_OPERATORS or u.kwargs.get("inplace") is True or name.endswith("_"):
+                if u.target not in (torch.relu_, F.relu, F.relu6, F.dropout):
+                    return True
+        elif u.op == "call_method" and str(u.target).endswith("_") and u.target != "relu_":
+            return True
+        elif u.op == "call_module":
+            m = modules.get(str(u.target))
+            if getattr(m, "inplace", False) and not isinstance(m, _KEEPS_NONNEG_INPLACE):
+                if not (isinstance(m, nn.Hardtanh) and m.min_val >= 0):
+                    return True
+    return False
 
 
 def _nonnegative(n: object, modules: Dict[str, nn.Module], memo: Dict[fx.Node, bool]) -> bool:
@@ -161,6 +200,10 @@ def _nonnegative(n: object, modules: Dict[str, nn.Module], memo: Dict[fx.Node, b
         return memo[n]
     memo[n] = False  # cycles cannot occur in an fx graph; this only guards re-entry
     first = n.args[0] if n.args else None
+
+    def input_nonneg() -> bool:
+        return _nonnegative(first, modules, memo)
+
     result = False
     if n.op == "call_module":
         from ..nn.base import QuantInputMixin, QuantMixin
@@ -169,33 +212,41 @@ def _nonnegative(n: object, modules: Dict[str, nn.Module], memo: Dict[fx.Node, b
         if isinstance(m, _NONNEG_MODULES):
             result = True
         elif isinstance(m, nn.Hardtanh):
-            result = m.min_val >= 0
+            result = m.min_val >= 0 and m.max_val >= 0
         elif isinstance(m, _PRESERVING_MODULES) or (isinstance(m, QuantInputMixin) and not isinstance(m, QuantMixin)):
-            result = _nonnegative(first, modules, memo)
+            result = input_nonneg()
     elif n.op == "call_function":
         if n.target in _NONNEG_FUNCTIONS:
             result = True
         elif n.target in (F.hardtanh, F.hardtanh_):
-            result = _bound_at_least_zero(n, "min_val", 1)
+            lo, hi = _arg(n, "min_val", 1), _arg(n, "max_val", 2)
+            lo = -1.0 if lo is _UNSET else lo
+            hi = 1.0 if hi is _UNSET else hi
+            result = isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo >= 0 and hi >= 0
         elif n.target in (torch.clamp, torch.clip):
-            result = _bound_at_least_zero(n, "min", 1) or _nonnegative(first, modules, memo)
+            result = _clamp_nonnegative(n, "min", "max", input_nonneg)
         elif n.target in (torch.cat, torch.concat):
             result = isinstance(first, (list, tuple)) and all(_nonnegative(a, modules, memo) for a in first)
         elif n.target in _PRESERVING_FUNCTIONS:
-            result = _nonnegative(first, modules, memo)
+            result = input_nonneg()
     elif n.op == "call_method":
         if n.target in _NONNEG_METHODS:
             result = True
-        elif n.target in ("clamp", "clamp_", "clip"):
-            result = _bound_at_least_zero(n, "min", 1) or _nonnegative(first, modules, memo)
+        elif n.target in ("clamp", "clamp_", "clip", "clip_"):
+            result = _clamp_nonnegative(n, "min", "max", input_nonneg)
         elif n.target in _PRESERVING_METHODS:
-            result = _nonnegative(first, modules, memo)
+            result = input_nonneg()
+    result = result and not _mutated(n, modules)
     memo[n] = result
     return result
 
 
 def nonnegative_input_quantizers(model: nn.Module) -> Optional[Set[str]]:
-    """Names of per-tensor activation quantizers that only ever see values >= 0; None if untraceable."""
+    """Names of per-tensor activation quantizers that only ever see values >= 0; None if untraceable.
+
+    A quantizer called at several sites must see non-negative values at all of them, and quantizers
+    that read one tensor get one verdict (the ONNX Runtime graph has one output Q per tensor).
+    """
     from ..placement.fx_pass import quantizer_inputs
 
     traced = quantizer_inputs(model)
@@ -203,8 +254,18 @@ def nonnegative_input_quantizers(model: nn.Module) -> Optional[Set[str]]:
         return None
     modules = dict(model.named_modules())
     memo: Dict[fx.Node, bool] = {}
-    # A quantizer called at several sites must see non-negative values at all of them.
-    return {name for name, inputs in traced.items() if all(_nonnegative(i, modules, memo) for i in inputs)}
+    names = {name for name, inputs in traced.items() if all(_nonnegative(i, modules, memo) for i in inputs)}
+    changed = True
+    while changed:  # a signed reader of a tensor makes every reader of that tensor signed
+        changed = False
+        for name, inputs in traced.items():
+            if name in names:
+                continue
+            for other, other_inputs in traced.items():
+                if other in names and any(i is not None and i in other_inputs for i in inputs):
+                    names.discard(other)
+                    changed = True
+    return names
 
 
 def unsigned_nonnegative_inputs_(model: nn.Module) -> int:

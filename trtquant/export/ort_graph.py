@@ -128,9 +128,7 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         drop.update({id(q), id(dqs[0])})
 
     # 2. Activation pairs: tensor -> scale (per tensor, non-constant input).
-    act_scale: Dict[str, float] = {}
-    unsigned: set = set()  # tensors quantized to uint8 with zero point 0 (non-negative by construction)
-    rename: Dict[str, str] = {}
+    pairs: Dict[str, List[Tuple[onnx.NodeProto, List[onnx.NodeProto], float, bool]]] = {}
     for q in G.g.node:
         if q.op_type != "QuantizeLinear" or id(q) in drop:
             continue
@@ -140,17 +138,36 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         dqs = G.consumers.get(q.output[0], [])
         if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
             continue
-        act_scale[q.input[0]] = float(scale.reshape(()))
         zp = G.const(q.input[2]) if len(q.input) > 2 and q.input[2] else None
-        if zp is not None and zp.dtype == np.uint8:
-            if int(zp.reshape(())) != 0:
-                raise ValueError(f"{q.name}: uint8 activation Q with zero point {int(zp.reshape(()))}; "
-                                 "only symmetric (zero point 0) quantizers can be rewritten")
-            unsigned.add(q.input[0])
-        for d in dqs:
-            rename[d.output[0]] = q.input[0]
-            drop.add(id(d))
-        drop.add(id(q))
+        is_unsigned = zp is not None and zp.dtype == np.uint8
+        if is_unsigned and int(zp.reshape(())) != 0:
+            raise ValueError(f"{q.name}: uint8 activation Q with zero point {int(zp.reshape(()))}; "
+                             "only symmetric (zero point 0) quantizers can be rewritten")
+        pairs.setdefault(q.input[0], []).append((q, dqs, float(scale.reshape(())), is_unsigned))
+    act_scale: Dict[str, float] = {}
+    unsigned: set = set()  # tensors quantized to uint8 with zero point 0 (non-negative by construction)
+    rename: Dict[str, str] = {}
+    for tensor, group in pairs.items():
+        if len({(value, is_u) for _, _, value, is_u in group}) > 1:
+            # Quantizers reading one tensor with different scales (e.g. amax learned per quantizer in
+            # QAT): each consumer keeps its own pair, on the uint8 grid; no output Q for the producer.
+            for q, dqs, _, is_u in group:
+                if not is_u:
+                    zp = G.add_init(np.array(128, np.uint8), "act_zp")
+                    for node in (q, *dqs):
+                        while len(node.input) < 3:
+                            node.input.append("")
+                        node.input[2] = zp
+            continue
+        _, _, value, is_u = group[0]
+        act_scale[tensor] = value
+        if is_u:
+            unsigned.add(tensor)
+        for q, dqs, _, _ in group:
+            for d in dqs:
+                rename[d.output[0]] = tensor
+                drop.add(id(d))
+            drop.add(id(q))
     keep = [n for n in G.g.node if id(n) not in drop]
     for n in keep:
         for i, name in enumerate(n.input):
@@ -290,8 +307,10 @@ def _drop_noop_activations(G: _Graph) -> int:
         if p_in is None or p_in != p_out or p_in[1] != 0 or p_in[2] != onnx.TensorProto.UINT8:
             continue
         if act.op_type == "Clip":
-            lo = G.const(act.input[1]) if len(act.input) > 1 and act.input[1] else None
-            hi = G.const(act.input[2]) if len(act.input) > 2 and act.input[2] else None
+            bounds = [act.input[i] if len(act.input) > i and act.input[i] else None for i in (1, 2)]
+            if any(b is not None and G.const(b) is None for b in bounds):
+                continue  # a computed bound: nothing is known about what it clips
+            lo, hi = (None if b is None else G.const(b) for b in bounds)
             # A no-op on codes when lo quantizes to 0 and hi to 255 (QuantizeLinear: float32 x / s,
             # half to even): every value the Clip changes lands on the code it would have had anyway.
             s32 = np.float32(p_in[0])

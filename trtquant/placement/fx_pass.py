@@ -160,26 +160,34 @@ def trace_quantized(module: nn.Module) -> fx.Graph:
 _trace = trace_quantized
 
 
-def quantizer_inputs(model: nn.Module) -> Optional[Dict[str, List[fx.Node]]]:
+def quantizer_inputs(model: nn.Module) -> Optional[Dict[str, List[Optional[fx.Node]]]]:
     """{activation quantizer name: the fx node it reads, per call site}; None when the model does not trace.
 
     Module quantizers of quantized layers read the layer's input; placement's own quantizers (residual,
-    pool) read their argument. Quantizers that read one node see one tensor.
+    pool) read their argument. Quantizers that read one node see one tensor. A call site whose input
+    is not one node (a keyword argument, a constant) records None. A quantizer instance registered under
+    several names is reported under its first name with the call sites of all of them.
     """
     try:
         graph = trace_quantized(model)
     except Exception:
         return None
-    modules = dict(model.named_modules())
-    sites: Dict[str, List[fx.Node]] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    canonical = {id(m): name for name, m in model.named_modules()}  # first name per instance
+    sites: Dict[str, List[Optional[fx.Node]]] = {}
     for n in graph.nodes:
-        if n.op != "call_module" or not n.args or not isinstance(n.args[0], fx.Node):
+        if n.op != "call_module":
             continue
         m = modules.get(str(n.target))
         if isinstance(m, TensorQuantizer):
-            sites.setdefault(str(n.target), []).append(n.args[0])
+            q = m
         elif isinstance(m, QuantInputMixin):
-            sites.setdefault(f"{n.target}.input_quantizer", []).append(n.args[0])
+            q = m.input_quantizer
+        else:
+            continue
+        arg = n.args[0] if n.args else next(iter(n.kwargs.values()), None)
+        sites.setdefault(canonical.get(id(q), str(n.target)), []).append(arg if isinstance(arg, fx.Node) and n.args
+                                                                       else None)
     return sites
 
 
@@ -188,7 +196,7 @@ def same_tensor_groups(model: nn.Module) -> List[List[str]]:
     sites = quantizer_inputs(model) or {}
     by_node: Dict[fx.Node, List[str]] = {}
     for name, nodes in sites.items():
-        if len(nodes) == 1:
+        if len(nodes) == 1 and nodes[0] is not None:
             by_node.setdefault(nodes[0], []).append(name)
     return [g for g in by_node.values() if len(g) > 1]
 
