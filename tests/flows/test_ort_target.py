@@ -196,3 +196,42 @@ def test_ort_target_needs_observers_calibrated(tmp_path) -> None:
             q.amax = None
     with pytest.raises(ExportError, match="residual_branch_quantizer"):
         export_onnx(model, torch.zeros(1, 3, 64, 64), tmp_path / "x.onnx", target="onnxruntime")
+
+
+class _Block(torch.nn.Module):
+    """A transformer-style MLP block quantized only at its Linear inputs (placement=None): the
+    LayerNorm output also feeds the float residual Add, which must keep reading the float value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(32)
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 32)
+        self.head = torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        h = h + self.down(torch.nn.functional.gelu(self.up(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_linear_on_3d_input_runs_int8_and_float_readers_stay_float(exporter: str, tmp_path) -> None:
+    import trtquant
+
+    torch.manual_seed(0)
+    model = trtquant.quantize(_Block().eval(), include=torch.nn.Linear, placement=None)
+    trtquant.calibrate(model, [torch.randn(4, 12, 32) for _ in range(2)], method="max", progress=False)
+    path = tmp_path / "block.onnx"
+    export_onnx(model, torch.randn(1, 12, 32), path, target="onnxruntime", exporter=exporter)
+    res = compare(model, path, torch.randn(8, 12, 32))
+    assert res.int8_conv_fraction is None  # the fraction counts Conv layers; there are none
+    out = res.outputs[0]
+    # ORT computes the flavoured model's numbers: int8 x int8 in int32, then float; rounding-level error.
+    assert out.rel_l2 < 1e-5, out
+    opt = tmp_path / "opt.onnx"
+    ort_session(path, optimize=True, optimized_model_path=str(opt))
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 3 and "MatMul" not in ops, ops
+    fused = compare(model, path, torch.randn(8, 12, 32), optimize=True).outputs[0]
+    assert fused.rel_l2 < 1e-5, fused

@@ -65,21 +65,27 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
     from ..placement.fx_pass import trace_quantized
     from .ort_graph import fold_bn_scale, int32_bias
 
-    try:
-        graph = trace_quantized(model)
-    except Exception:
-        return
-    modules = dict(model.named_modules())
-    for n in graph.nodes:
-        layer = modules.get(str(n.target)) if n.op == "call_module" else None
-        if not isinstance(layer, QuantMixin) or not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            continue
+    def scales(layer: nn.Module):
+        """(input scale, per-channel weight scales) of a layer both of whose quantizers quantize, else None."""
         iq, wq = layer.input_quantizer, layer.weight_quantizer
         if not (iq.is_enabled and iq._if_quant and wq.is_enabled and wq._if_quant) or iq.amax is None or wq.amax is None \
                 or not wq.quant_desc.per_channel or iq.quant_desc.per_channel:
+            return None
+        return (float(amax_to_scale(iq.amax, quant_bounds(8, iq.unsigned)[2]).reshape(())),
+                amax_to_scale(wq.amax, 127).reshape(-1).cpu().numpy())
+
+    bn_folded: set = set()
+    try:
+        graph = trace_quantized(model)
+    except Exception:  # untraceable: BatchNorm stays separate; biases are still rounded below
+        graph = fx.Graph()
+    modules = dict(model.named_modules())
+    for n in graph.nodes:
+        layer = modules.get(str(n.target)) if n.op == "call_module" else None
+        if not isinstance(layer, QuantMixin) or not isinstance(layer, nn.Conv2d) or scales(layer) is None:
             continue
-        s_in = float(amax_to_scale(iq.amax, quant_bounds(8, iq.unsigned)[2]).reshape(()))
-        s_w = amax_to_scale(wq.amax, 127).reshape(-1).cpu().numpy()
+        s_in, s_w = scales(layer)
+        wq = layer.weight_quantizer
         users = list(n.users)
         bn_name = str(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
         bn = modules.get(bn_name) if bn_name else None
@@ -109,12 +115,22 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
                     layer.bias.data = bias
                 wq.amax = amax_f.reshape(wq.amax.shape)
             layer._wq_cache = None
+            bn_folded.add(id(layer))
             parent, _, child = bn_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-        elif layer.bias is not None and isinstance(layer, nn.Linear):
-            b_codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), s_in, s_w)
-            with torch.no_grad():
-                layer.bias.copy_(torch.from_numpy(b_codes.astype(np.float32) * s_b))
+    # Every other Conv/Linear bias goes onto the int32 grid as the graph adds it (Conv/Gemm: int32 DQ;
+    # a Linear on 3-D input, MatMul + Add: the rounded constant). This needs no graph.
+    for layer in model.modules():
+        if id(layer) in bn_folded or not isinstance(layer, QuantMixin) or getattr(layer, "bias", None) is None:
+            continue
+        if not (isinstance(layer, nn.Linear) or (isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed)):
+            continue
+        sc = scales(layer)
+        if sc is None:
+            continue
+        b_codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), sc[0], sc[1])
+        with torch.no_grad():
+            layer.bias.copy_(torch.from_numpy(b_codes.astype(np.float32) * s_b))
 
 
 def _amax_for_scales(scale: torch.Tensor, bound: int) -> torch.Tensor:

@@ -111,9 +111,11 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
             continue
         users = G.consumers.get(dqs[0].output[0], [])
-        if not users or any(u.op_type not in ("Conv", "Gemm", "ConvTranspose") or list(u.input).index(dqs[0].output[0]) != 1
-                            for u in users):
-            continue  # e.g. DQ -> Transpose -> MatMul (a Linear on 3-D input): left as exported
+        transpose = _linear_transpose(G, users)
+        if transpose is None and (not users or any(
+                u.op_type not in ("Conv", "Gemm", "ConvTranspose") or list(u.input).index(dqs[0].output[0]) != 1
+                for u in users)):
+            continue  # a weight read some other way: left as exported
         w = G.const(q.input[0]).astype(np.float32)
         scale = G.const(q.input[1]).astype(np.float32)
         axis = _axis(q) if scale.ndim == 1 else None
@@ -124,6 +126,14 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
             s = scale.reshape(shape)
         q_min, q_max = (-128, 127)
         codes = np.clip(np.rint(w / s), q_min, q_max).astype(np.int8)
+        if transpose is not None:
+            # A Linear on 3-D input: MatMul(x, W^T). The int8 codes go in transposed, per-channel along
+            # the last axis (MatMul's B), and ONNX Runtime runs MatMulIntegerToFloat.
+            if w.ndim != 2 or (scale.ndim == 1 and axis not in (0, None)):
+                continue
+            weights[transpose.output[0]] = (np.ascontiguousarray(codes.T), scale, 1)
+            drop.update({id(q), id(dqs[0]), id(transpose)})
+            continue
         weights[dqs[0].output[0]] = (codes, scale, axis if axis is not None else 0)
         drop.update({id(q), id(dqs[0])})
 
@@ -165,10 +175,14 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
             unsigned.add(tensor)
         for q, dqs, _, _ in group:
             for d in dqs:
-                rename[d.output[0]] = tensor
+                rename[d.output[0]] = _quantized_read(tensor)
                 drop.add(id(d))
             drop.add(id(q))
-    keep = [n for n in G.g.node if id(n) not in drop]
+    # Readers that went through the DQ read a placeholder (an Identity until step 5 makes it the new
+    # DQ): readers of the raw tensor - a residual Add in a model quantized only at its Linear inputs,
+    # say - keep the float value the fake-quant model gives them.
+    placeholders = [helper.make_node("Identity", [t], [_quantized_read(t)], name=_quantized_read(t)) for t in act_scale]
+    keep = [n for n in G.g.node if id(n) not in drop] + placeholders
     for n in keep:
         for i, name in enumerate(n.input):
             n.input[i] = rename.get(name, name)
@@ -179,7 +193,7 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
     G.refresh()
     new_nodes: List[onnx.NodeProto] = []
     for n in list(G.g.node):
-        if n.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(n.input) < 2 or n.input[1] not in weights:
+        if n.op_type not in ("Conv", "Gemm", "ConvTranspose", "MatMul") or len(n.input) < 2 or n.input[1] not in weights:
             continue
         codes, scale, axis = weights[n.input[1]]
         scale = scale.astype(np.float32).reshape(-1) if scale.ndim else scale.astype(np.float32)
@@ -215,6 +229,8 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
     # 4. Output Q: copy each activation scale up through commuting ops to the producing op's output.
     scales = dict(act_scale)
     for tensor, s in list(act_scale.items()):
+        if [c.op_type for c in G.consumers.get(tensor, [])] != ["Identity"]:
+            continue  # a float reader too: quantizing the producer's output would change what it reads
         cur = tensor
         while True:
             p = G.producer.get(cur)
@@ -235,13 +251,18 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
             continue
         sc = G.add_init(np.array(s, np.float32), "act_scale")
         zp = G.add_init(np.array(0 if tensor in unsigned else 128, np.uint8), "act_zp")
-        q_out, dq_out = G.fresh(tensor + "_q"), G.fresh(tensor + "_dq")
+        q_out = G.fresh(tensor + "_q")
+        if tensor in act_scale:  # the DQ takes the placeholder's place: only quantized readers read it
+            dq_out = _quantized_read(tensor)
+            G.g.node.remove(G.producer[dq_out])
+        else:  # a copied-up output Q: its tensor's only reader is the commuting op
+            dq_out = G.fresh(tensor + "_dq")
+            for c in G.consumers.get(tensor, []):
+                for i, name in enumerate(c.input):
+                    if name == tensor:
+                        c.input[i] = dq_out
         inserted.append(helper.make_node("QuantizeLinear", [tensor, sc, zp], [q_out], name=q_out))
         inserted.append(helper.make_node("DequantizeLinear", [q_out, sc, zp], [dq_out], name=dq_out))
-        for c in G.consumers.get(tensor, []):
-            for i, name in enumerate(c.input):
-                if name == tensor:
-                    c.input[i] = dq_out
         stats["activation_qdq" if tensor in act_scale else "output_qdq"] += 1
     G.g.node.extend(inserted)
     _topo_sort(G.g)
@@ -249,8 +270,12 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
 
     stats["activations_removed"] = _drop_noop_activations(G)
 
-    # 6. int32 biases for ops whose activation input and weight are both dequantized.
+    # 6. int32 biases for ops whose activation input and weight are both dequantized (a MatMul's
+    #    bias is the constant of the Add after it: rounded onto the same grid, kept float).
     for n in list(G.g.node):
+        if n.op_type == "MatMul":
+            stats["int32_bias"] += _round_matmul_bias(G, n)
+            continue
         if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or not n.input[2]:
             continue
         x_dq, w_dq = G.producer.get(n.input[0]), G.producer.get(n.input[1])
@@ -275,6 +300,38 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
 
     remove_unused_initializers(model)
     return model, stats
+
+
+def _quantized_read(tensor: str) -> str:
+    return tensor + "__trtquant_dq"
+
+
+def _linear_transpose(G: _Graph, users: List[onnx.NodeProto]) -> Optional[onnx.NodeProto]:
+    """The Transpose of DQ(W) -> Transpose(perm 1,0) -> MatMul(x, .), the export of a Linear on 3-D input."""
+    if len(users) != 1 or users[0].op_type != "Transpose" or list(_attr(users[0], "perm", [1, 0])) != [1, 0]:
+        return None
+    mm = G.consumers.get(users[0].output[0], [])
+    if len(mm) != 1 or mm[0].op_type != "MatMul" or list(mm[0].input).index(users[0].output[0]) != 1:
+        return None
+    return users[0]
+
+
+def _round_matmul_bias(G: _Graph, mm: onnx.NodeProto) -> int:
+    """MatMul(DQ x, DQ W) -> Add(constant b): b onto the s_in * s_w grid, as the flavoured Linear has it."""
+    x_dq, w_dq = G.producer.get(mm.input[0]), G.producer.get(mm.input[1])
+    adds = G.consumers.get(mm.output[0], [])
+    if not (x_dq and w_dq and x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear") \
+            or len(adds) != 1 or adds[0].op_type != "Add":
+        return 0
+    add = adds[0]
+    k = 1 if add.input[0] == mm.output[0] else 0
+    bias = G.const(add.input[k])
+    s_in, s_w = G.const(x_dq.input[1]), G.const(w_dq.input[1])
+    if bias is None or s_in is None or s_w is None or s_in.size != 1 or bias.ndim != 1 or bias.shape[0] != s_w.size:
+        return 0
+    codes, s_b = int32_bias(bias, float(s_in.reshape(())), s_w.reshape(-1))
+    add.input[k] = G.add_init(codes.astype(np.float32) * s_b, (add.name or "b") + "_bias")  # as torch rounds it
+    return 1
 
 
 def _qparams(G: _Graph, node: onnx.NodeProto) -> Optional[Tuple[float, int, int]]:
