@@ -194,3 +194,64 @@ def test_one_tensor_two_scales_keeps_a_pair_per_consumer(tmp_path) -> None:
     shared.c3.input_quantizer.amax = shared.c2.input_quantizer.amax.clone()
     wrong = compare(shared, path, x, int8_kernels=False).outputs[0]
     assert res.rel_l2 < 2e-3 and wrong.rel_l2 > 10 * res.rel_l2, (res, wrong)
+
+
+class _PerTensorWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+
+
+class _Conv1dBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.conv2 = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.bn(self.conv(x))))
+
+
+class _OutputAlsoQuantized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 8)
+        self.l2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor):
+        a = F.relu(self.l1(x))
+        return a, self.l2(a)  # a is a graph output and the quantized input of l2
+
+
+@pytest.mark.parametrize("case", ["per_tensor_weights", "conv1d_bn", "output_also_quantized"])
+def test_onnxruntime_graph_equals_its_flavour(case: str, tmp_path) -> None:
+    """Biases, BatchNorm folds and graph outputs: the ONNX Runtime graph computes the flavoured model."""
+    pytest.importorskip("onnxruntime")
+    from trtquant import QuantDescriptor
+    from trtquant.export import compare, export_onnx
+
+    torch.manual_seed(0)
+    if case == "per_tensor_weights":
+        model, x = _PerTensorWeights().eval(), torch.randn(4, 3, 12, 12)
+        cfg = {"weight": QuantDescriptor(num_bits=8)}
+    elif case == "conv1d_bn":
+        model, x = _Conv1dBN().eval(), torch.randn(4, 3, 20)
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.data.uniform_(-1.5, 1.5)  # negative gammas flip the folded codes
+        cfg = {}
+    else:
+        model, x = _OutputAlsoQuantized().eval(), torch.randn(16, 6)
+        cfg = {}
+    q = trtquant.quantize(model, config=cfg) if cfg else trtquant.quantize(model)
+    trtquant.calibrate(q, [x], method="max", progress=False)
+    path = tmp_path / f"{case}.onnx"
+    export_onnx(q, x[:1], path, target="onnxruntime", exporter="legacy")
+    res = compare(q, path, x, int8_kernels=False)
+    for out in res.outputs:
+        assert out.rel_l2 < 1e-6, (case, out)  # measured 1e-8..6e-8: float summation order only

@@ -66,13 +66,14 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
     from .ort_graph import fold_bn_scale, int32_bias
 
     def scales(layer: nn.Module):
-        """(input scale, per-channel weight scales) of a layer both of whose quantizers quantize, else None."""
+        """(input scale, weight scales: per channel or one) of a layer both of whose quantizers quantize
+        (8-bit, per-tensor input), else None: exactly the layers whose bias the graph makes int32."""
         iq, wq = layer.input_quantizer, layer.weight_quantizer
         if not (iq.is_enabled and iq._if_quant and wq.is_enabled and wq._if_quant) or iq.amax is None or wq.amax is None \
-                or not wq.quant_desc.per_channel or iq.quant_desc.per_channel:
+                or iq.quant_desc.per_channel or iq.num_bits != 8 or wq.num_bits != 8:
             return None
         return (float(amax_to_scale(iq.amax, quant_bounds(8, iq.unsigned)[2]).reshape(())),
-                amax_to_scale(wq.amax, 127).reshape(-1).cpu().numpy())
+                amax_to_scale(wq.amax, quant_bounds(8, wq.unsigned, wq.narrow_range)[2]).reshape(-1).cpu().numpy())
 
     bn_folded: set = set()
     try:
@@ -82,7 +83,8 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
     modules = dict(model.named_modules())
     for n in graph.nodes:
         layer = modules.get(str(n.target)) if n.op == "call_module" else None
-        if not isinstance(layer, QuantMixin) or not isinstance(layer, nn.Conv2d) or scales(layer) is None:
+        if not isinstance(layer, QuantMixin) or not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed \
+                or scales(layer) is None or not layer.weight_quantizer.quant_desc.per_channel:
             continue
         s_in, s_w = scales(layer)
         wq = layer.weight_quantizer
@@ -90,7 +92,7 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
         bn_name = str(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
         bn = modules.get(bn_name) if bn_name else None
         w = layer.weight.detach().cpu().float()
-        if isinstance(bn, nn.BatchNorm2d) and isinstance(layer, nn.Conv2d):
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.affine:
             qmin, qmax, bound = quant_bounds(wq.num_bits, wq.unsigned, wq.narrow_range)
             shape = [-1] + [1] * (w.dim() - 1)
             with torch.no_grad():

@@ -9,7 +9,8 @@ the fake-quant model computes:
 * activations: int8 zero point 0 -> uint8 zero point 128 (the same grid, the layout MLAS prefers);
   an unsigned activation quantizer (non-negative input, see ort_flavor.py) stays uint8 zero point 0,
   so ONNX Runtime's ReluQuantFusion/ClipQuantFusion delete the ReLU/Clip in front of it;
-* BatchNormalization folded into the int8 weight codes: codes * sign(g), scale * |g| per channel;
+* BatchNormalization folded into the int8 weight codes (codes * sign(g), scale * |g| per channel) on
+  the PyTorch side (ort_flavor.py), so the exported graph already has it folded;
 * each activation Q/DQ is copied up through ReLU/MaxPool/Flatten/Reshape to the output of the op
   that produced the value (quantization commutes with these monotone ops), giving the output Q;
 * Conv/Gemm biases become int32 with scale s_in * s_w (the only rounding this adds, <= 0.5 of that
@@ -99,7 +100,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, int]]:
     """Rewrite a TensorRT Q/DQ model (fp32) in place for ONNX Runtime INT8; returns it and counts."""
     G = _Graph(model)
-    stats = {"bn_folded": 0, "activation_qdq": 0, "output_qdq": 0, "int32_bias": 0}
+    stats = {"activation_qdq": 0, "output_qdq": 0, "int32_bias": 0}
 
     # 1. Weights: Q/DQ on a float initializer -> int8 codes + DQ (scale as fp32, axis 0).
     weights: Dict[str, Tuple[np.ndarray, np.ndarray, int]] = {}  # DQ output -> (codes, scale, axis)
@@ -146,8 +147,9 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         if scale is None or scale.size != 1:
             continue
         dqs = G.consumers.get(q.output[0], [])
-        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
-            continue
+        if not dqs or any(d.op_type != "DequantizeLinear" or G.is_graph_output(d.output[0]) for d in dqs) \
+                or G.const(q.input[0]) is not None:
+            continue  # a constant (e.g. a tied weight step 1 left alone) or an output: kept as exported
         zp = G.const(q.input[2]) if len(q.input) > 2 and q.input[2] else None
         is_unsigned = zp is not None and zp.dtype == np.uint8
         if is_unsigned and int(zp.reshape(())) != 0:
@@ -187,7 +189,9 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         for i, name in enumerate(n.input):
             n.input[i] = rename.get(name, name)
 
-    # 3. Re-create weights as int8 initializer -> DQ, folding a following BatchNormalization.
+    # 3. Re-create weights as int8 initializer -> DQ. BatchNorm is not folded here: the exported model
+    #    is the ORT flavour, where every BatchNorm PyTorch could fold already is (one left here was not
+    #    folded there either, and folding it only here would break parity).
     del G.g.node[:]
     G.g.node.extend(keep)
     G.refresh()
@@ -198,18 +202,6 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         codes, scale, axis = weights[n.input[1]]
         scale = scale.astype(np.float32).reshape(-1) if scale.ndim else scale.astype(np.float32)
         bias = G.const(n.input[2]).astype(np.float32) if len(n.input) > 2 and n.input[2] else None
-        users = G.consumers.get(n.output[0], [])
-        if n.op_type == "Conv" and scale.ndim == 1 and len(users) == 1 and users[0].op_type == "BatchNormalization" \
-                and not G.is_graph_output(n.output[0]):
-            bn = users[0]
-            gamma, beta, mean, var = (G.const(bn.input[i]) for i in range(1, 5))
-            eps = float(_attr(bn, "epsilon", 1e-5))
-            scale, bias, sign = fold_bn_scale(scale, gamma, beta, mean, var, eps, bias)
-            codes = (codes.astype(np.int16) * sign.reshape([-1] + [1] * (codes.ndim - 1))).astype(np.int8)
-            # Conv now writes BN's output tensor; BN disappears.
-            n.output[0] = bn.output[0]
-            G.g.node.remove(bn)
-            stats["bn_folded"] += 1
         w_codes = G.add_init(codes, n.name or "w")
         w_scale = G.add_init(scale, (n.name or "w") + "_scale")
         w_zp = G.add_init(np.zeros(scale.shape, np.int8), (n.name or "w") + "_zp")
@@ -234,8 +226,8 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
         cur = tensor
         while True:
             p = G.producer.get(cur)
-            if p is None or p.op_type not in _COMMUTING or not p.input:
-                break
+            if p is None or p.op_type not in _COMMUTING or not p.input or G.is_graph_output(cur):
+                break  # (a graph output must keep its float value)
             src = p.input[0]
             if len(G.consumers.get(src, [])) != 1 or src in scales:
                 break
@@ -270,12 +262,9 @@ def to_onnxruntime_graph(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[
 
     stats["activations_removed"] = _drop_noop_activations(G)
 
-    # 6. int32 biases for ops whose activation input and weight are both dequantized (a MatMul's
-    #    bias is the constant of the Add after it: rounded onto the same grid, kept float).
+    # 6. int32 biases for Conv/Gemm whose activation input and weight are both dequantized (a MatMul's
+    #    bias is a float Add after it, which the flavoured Linear already put on the same grid).
     for n in list(G.g.node):
-        if n.op_type == "MatMul":
-            stats["int32_bias"] += _round_matmul_bias(G, n)
-            continue
         if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or not n.input[2]:
             continue
         x_dq, w_dq = G.producer.get(n.input[0]), G.producer.get(n.input[1])
@@ -314,24 +303,6 @@ def _linear_transpose(G: _Graph, users: List[onnx.NodeProto]) -> Optional[onnx.N
     if len(mm) != 1 or mm[0].op_type != "MatMul" or list(mm[0].input).index(users[0].output[0]) != 1:
         return None
     return users[0]
-
-
-def _round_matmul_bias(G: _Graph, mm: onnx.NodeProto) -> int:
-    """MatMul(DQ x, DQ W) -> Add(constant b): b onto the s_in * s_w grid, as the flavoured Linear has it."""
-    x_dq, w_dq = G.producer.get(mm.input[0]), G.producer.get(mm.input[1])
-    adds = G.consumers.get(mm.output[0], [])
-    if not (x_dq and w_dq and x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear") \
-            or len(adds) != 1 or adds[0].op_type != "Add":
-        return 0
-    add = adds[0]
-    k = 1 if add.input[0] == mm.output[0] else 0
-    bias = G.const(add.input[k])
-    s_in, s_w = G.const(x_dq.input[1]), G.const(w_dq.input[1])
-    if bias is None or s_in is None or s_w is None or s_in.size != 1 or bias.ndim != 1 or bias.shape[0] != s_w.size:
-        return 0
-    codes, s_b = int32_bias(bias, float(s_in.reshape(())), s_w.reshape(-1))
-    add.input[k] = G.add_init(codes.astype(np.float32) * s_b, (add.name or "b") + "_bias")  # as torch rounds it
-    return 1
 
 
 def _qparams(G: _Graph, node: onnx.NodeProto) -> Optional[Tuple[float, int, int]]:
