@@ -70,7 +70,7 @@ def weight_quantizer_names(model: nn.Module) -> Set[str]:
 
 
 def prepare_qat(model: nn.Module, learn_amax: bool = False, learn_weight_amax: bool = False,
-                strict: bool = False) -> nn.Module:
+                strict: bool = False, tie_shared_amax: bool = True) -> nn.Module:
     """Get a calibrated model ready for QAT: optional learnable amax, ``model.train()``, state 'qat'.
 
     Args:
@@ -78,6 +78,10 @@ def prepare_qat(model: nn.Module, learn_amax: bool = False, learn_weight_amax: b
             ``nn.Parameter`` trained with the LSQ-style gradient.
         learn_weight_amax: the same for weight quantizers (usually left as calibrated).
         strict: passed to :func:`set_state` (raise, not warn, when a later eval()/train() misfits).
+        tie_shared_amax: with ``learn_amax``, quantizers that read one tensor (a block input read by
+            conv1 and the residual quantizer) learn one shared amax, as they were calibrated: the
+            exported graph then keeps one Q/DQ per tensor (TensorRT fuses it; ONNX Runtime's producer
+            stays an INT8 kernel) instead of two scales on one tensor.
 
     Raises:
         QuantizerNotCalibratedError: a quantizer that must quantize has no amax (names them).
@@ -96,8 +100,29 @@ def prepare_qat(model: nn.Module, learn_amax: bool = False, learn_weight_amax: b
         is_weight = n in weights
         if (learn_amax and not is_weight) or (learn_weight_amax and is_weight):
             q.init_learn_amax()
+    if learn_amax and tie_shared_amax:
+        _tie_shared_amax(model, qs)
     model.train()
     return set_state(model, "qat", strict=strict)
+
+
+def _tie_shared_amax(model: nn.Module, qs: Dict[str, TensorQuantizer]) -> int:
+    """Make quantizers that read one tensor (and hold equal learned amax) share one amax Parameter."""
+    from .placement.fx_pass import same_tensor_groups
+
+    tied = 0
+    for group in same_tensor_groups(model):
+        members = [qs[n] for n in group if n in qs and qs[n].learn_amax]
+        if len(members) < 2:
+            continue
+        first = members[0]
+        for q in members[1:]:
+            if q._amax is first._amax or q._amax.shape != first._amax.shape \
+                    or not torch.equal(q._amax.detach(), first._amax.detach()):
+                continue  # calibrated apart (or set by hand): leave them independent
+            q._parameters["_amax"] = first._amax
+            tied += 1
+    return tied
 
 
 def amax_parameters(model: nn.Module) -> List[nn.Parameter]:

@@ -196,3 +196,31 @@ def test_ddp_step_keeps_amax_and_weights_identical_across_ranks():
     assert r0["amax0"] == r1["amax0"]
     moved = [k for k, v in r0["amax0"].items() if float(s0[k]) != v]
     assert moved, "no learned amax changed in the DDP step"
+
+
+def test_quantizers_reading_one_tensor_learn_one_amax():
+    """ResNet-18: a block input is read by conv1's and the residual (or downsample) quantizer; after
+    prepare_qat they share one amax Parameter, train together, and the state dict keeps both keys."""
+    torchvision = pytest.importorskip("torchvision")
+    from trtquant.qat import amax_param_groups, amax_parameters
+
+    torch.manual_seed(0)
+    model = trtquant.quantize(torchvision.models.resnet18().eval())
+    trtquant.calibrate(model, [torch.randn(2, 3, 64, 64)], method="max", progress=False)
+    keys = set(model.state_dict())
+    untied = copy.deepcopy(model)
+    prepare_qat(model, learn_amax=True)
+    prepare_qat(untied, learn_amax=True, tie_shared_amax=False)
+    b = model.layer1[1]
+    assert b.conv1.input_quantizer._amax is b.residual_quantizer._amax
+    assert model.layer2[0].conv1.input_quantizer._amax is model.layer2[0].downsample[0].input_quantizer._amax
+    assert untied.layer1[1].conv1.input_quantizer._amax is not untied.layer1[1].residual_quantizer._amax
+    assert len(amax_parameters(model)) < len(amax_parameters(untied))
+    opt = torch.optim.SGD(amax_param_groups(model, lr=0.1), lr=0.1)  # no parameter listed twice
+    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    opt.step()
+    assert torch.equal(b.conv1.input_quantizer.amax, b.residual_quantizer.amax)
+    assert set(model.state_dict()) == keys
+    fresh = prepare_qat(copy.deepcopy(untied), learn_amax=True)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.layer1[1].residual_quantizer.amax, b.residual_quantizer.amax)
