@@ -179,21 +179,17 @@ def read_trt_cache(path: PathLike) -> Dict[str, float]:
     return out
 
 
-def _qdq_aliases(onnx_path: PathLike) -> Dict[str, List[str]]:
+def _load_onnx(onnx_path: PathLike):
     import onnx
 
-    from .export.graph_passes import qdq_aliases
-
-    return qdq_aliases(onnx.load(str(onnx_path), load_external_data=False))
+    return onnx.load(str(onnx_path), load_external_data=False)
 
 
-def _activation_qdq(onnx_path: PathLike):
+def _activation_qdq(model):
     """(QuantizeLinear node, input tensor, float32 scale) for every per-tensor activation Q in a Q/DQ ONNX."""
     import numpy as np
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
@@ -213,7 +209,7 @@ def export_trt_cache(onnx_path: PathLike, cache_path: PathLike, trt_version: str
                      algorithm: str = "EntropyCalibration2") -> Dict[str, float]:
     """TensorRT implicit-INT8 cache (TensorRT 8.x/10.x, Jetson DLA) from a Q/DQ ONNX: one line per
     activation tensor that a QuantizeLinear quantizes, named as in the Q/DQ-free graph."""
-    scales = {tensor: scale for _, tensor, scale in _activation_qdq(onnx_path)}
+    scales = {tensor: scale for _, tensor, scale in _activation_qdq(_load_onnx(onnx_path))}
     if not scales:
         raise ValueError(f"{onnx_path}: no per-tensor activation QuantizeLinear found; export a calibrated model first")
     write_trt_cache(scales, cache_path, trt_version, algorithm)
@@ -228,8 +224,11 @@ def import_trt_cache(model: nn.Module, cache_path: PathLike, onnx_path: PathLike
     qs = quantizers(model)
     by_scope = {"/" + "/".join(_scope_parts(name)): name for name in qs}
     applied: Dict[str, float] = {}
-    aliases = _qdq_aliases(onnx_path)
-    for node, tensor, _ in _activation_qdq(onnx_path):
+    from .export.graph_passes import qdq_aliases
+
+    proto = _load_onnx(onnx_path)
+    aliases = qdq_aliases(proto)
+    for node, tensor, _ in _activation_qdq(proto):
         if tensor not in amax_by_tensor or not amax_by_tensor[tensor] > 0:
             continue
         # The node itself, and the quantizers whose identical Q/DQ on this tensor export merged into it.

@@ -57,16 +57,10 @@ def _export(model: nn.Module, example: Any, path: Path, exporter: str) -> Tuple[
 def _ort_int8_ops(path: Path) -> Dict[str, int]:
     """Op counts of the graph ONNX Runtime actually runs (after its optimisations)."""
     import collections
-    import tempfile
 
-    import onnx
+    from ..export.compare import optimized_graph
 
-    from ..export.compare import ort_session
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opt = Path(tmp) / "optimized.onnx"
-        ort_session(path, optimize=True, optimized_model_path=str(opt))
-        counts = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    counts = collections.Counter(n.op_type for n in optimized_graph(path).graph.node)
     return {k: v for k, v in sorted(counts.items()) if k.startswith("QLinear") or k in (
         "QGemm", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger", "QAttention")}
 

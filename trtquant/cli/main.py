@@ -158,7 +158,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 
         from ..export.ort_graph import int8_conv_fraction
 
-        n_int8, n_conv = int8_conv_fraction(onnx.load(out))
+        n_int8, n_conv = int8_conv_fraction(onnx.load(out))  # the optimized graph the user asked to keep
         print(f"ONNX Runtime optimized graph (CPU provider, ORT_ENABLE_ALL) -> {out}"
               + (f"; {n_int8}/{n_conv} Conv layers as INT8 kernels" if n_conv else ""))
         return 0

@@ -81,8 +81,9 @@ def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[
     ``model`` (what it computes). ``int8_kernels`` also reports how many Conv layers ONNX Runtime's
     optimized graph runs as INT8 kernels (one extra optimized session).
     """
+    sess = ort_session(onnx_path, optimize=optimize)
     notes: List[str] = []
-    if onnx_target(onnx_path) == "onnxruntime":
+    if onnx_target(sess) == "onnxruntime":
         # That graph computes what the ONNX Runtime flavour of the model computes (unsigned post-ReLU
         # quantizers, folded BatchNorm, int32 biases), not the TensorRT fake quant: compare with it.
         from .ort_flavor import ort_flavor_
@@ -94,7 +95,6 @@ def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[
         fraction = int8_kernel_fraction(onnx_path)
         if fraction is not None:
             notes.append(f"Conv layers ONNX Runtime runs as INT8 kernels (optimized graph): {fraction[0]}/{fraction[1]}")
-    sess = ort_session(onnx_path, optimize=optimize)
     in_names = [i.name for i in sess.get_inputs()]
     out_names = [o.name for o in sess.get_outputs()]
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
@@ -120,24 +120,26 @@ def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[
                       None if not fraction else fraction[0] / fraction[1], notes)
 
 
-def onnx_target(onnx_path: Union[str, os.PathLike]) -> Optional[str]:
-    """The ``target`` export_onnx wrote the file for ('tensorrt' / 'onnxruntime'), None for other files."""
-    import onnx
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    return next((p.value for p in proto.metadata_props if p.key == TARGET_KEY), None)
+def onnx_target(sess) -> Optional[str]:
+    """The ``target`` export_onnx wrote into a session's model ('tensorrt' / 'onnxruntime'), else None."""
+    return sess.get_modelmeta().custom_metadata_map.get(TARGET_KEY)
 
 
-def int8_kernel_fraction(onnx_path: Union[str, os.PathLike]) -> Optional[tuple]:
-    """(Conv layers ONNX Runtime's CPU provider runs as INT8 kernels, all Conv layers), None without convs."""
+def optimized_graph(onnx_path: Union[str, os.PathLike], threads: Optional[int] = None):
+    """The graph ONNX Runtime's CPU provider actually runs (ORT_ENABLE_ALL), as an onnx.ModelProto."""
     import tempfile
 
     import onnx
 
-    from .ort_graph import int8_conv_fraction
-
     with tempfile.TemporaryDirectory() as d:
         opt = os.path.join(d, "optimized.onnx")
-        ort_session(onnx_path, optimize=True, optimized_model_path=opt)
-        n_int8, n_conv = int8_conv_fraction(onnx.load(opt))
+        ort_session(onnx_path, optimize=True, threads=threads, optimized_model_path=opt)
+        return onnx.load(opt)
+
+
+def int8_kernel_fraction(onnx_path: Union[str, os.PathLike]) -> Optional[tuple]:
+    """(Conv layers ONNX Runtime's CPU provider runs as INT8 kernels, all Conv layers), None without convs."""
+    from .ort_graph import int8_conv_fraction
+
+    n_int8, n_conv = int8_conv_fraction(optimized_graph(onnx_path))
     return (n_int8, n_conv) if n_conv else None
