@@ -5,6 +5,13 @@ identity (skip) input only, so Conv+Add(+ReLU) fuses in INT8; functional average
 quantizer; quantizers feeding one Concat share one amax; MaxPool quantizers are disabled. New
 quantizers live on the module that owns the Add (e.g. ``layer1.0.residual_quantizer``), whose
 forward is replaced by the rewritten traced graph - only those modules, not the whole model.
+
+Quantizers that read one tensor (placement's ``same_tensor_groups``) get one shared
+:class:`~trtquant.quantizer.SharedQuantResult` each group, so that tensor is fake-quantized once.
+
+Deliberate per-model state: the :class:`PlacementState` is recorded on the model it describes
+(``model._trtquant_placement``), so it follows the model through ``copy.deepcopy`` (export works on
+a copy) and is gone with it; nothing is kept at module level.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from torch import nn
 
 from ..nn.base import QuantInputMixin, QuantMixin
 from ..nn.pool import QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d
-from ..quantizer import TensorQuantizer
+from ..graph.dag import concat_quantizer_groups, residual_split
+from ..quantizer import SharedQuantResult, TensorQuantizer
 from . import rules
+from .fx_dag import FxDag, binary_op
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +42,8 @@ class PlacementState:
     reason: Optional[str] = None
     rules: Dict[str, str] = field(default_factory=dict)  # quantizer fqn -> rule
     amax_groups: List[List[str]] = field(default_factory=list)
+    # Quantizers reading one tensor; each group shares one SharedQuantResult (quantizes it once).
+    shared_inputs: List[List[str]] = field(default_factory=list)
 
 
 class _QuantTracer(fx.Tracer):
@@ -56,81 +67,22 @@ def _site_kind(n: fx.Node) -> Optional[str]:
 
 
 def _is_add(n: fx.Node) -> bool:
-    if n.op == "call_function" and n.target in rules.ADD_FUNCTIONS:
-        return len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
-    if n.op == "call_method" and n.target in rules.ADD_METHODS:
-        return len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
-    return False
+    """An Add of two data tensors (a bias or scale add with a parameter is not a residual site)."""
+    return binary_op(n) == "Add"
 
 
-def _is_epilogue(n: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    if n.op == "call_module":
-        return isinstance(modules.get(str(n.target)), rules.CONV_EPILOGUE_MODULES)
-    if n.op == "call_function":
-        return n.target in rules.CONV_EPILOGUE_FUNCTIONS
-    if n.op == "call_method":
-        return n.target in rules.CONV_EPILOGUE_METHODS
-    return False
+def _identity_index(add: fx.Node, dag: FxDag) -> Optional[int]:
+    """Which Add input is the identity, when the other is a quantized weighted branch; else None.
 
-
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-
-
-def _conv_source(n: fx.Node, modules: Dict[str, nn.Module]) -> Optional[fx.Node]:
-    """The weighted-layer node (quantized or float) this value comes from through BN/activations only."""
-    while True:
-        if n.op == "call_module" and isinstance(modules.get(str(n.target)), _WEIGHTED):
-            return n
-        if _is_epilogue(n, modules) and n.args and isinstance(n.args[0], fx.Node):
-            n = n.args[0]
-            continue
+    The structural choice is :func:`trtquant.graph.dag.residual_split`, the checker's rule too.
+    """
+    split = residual_split(dag, add)
+    if split is None:
         return None
-
-
-def _ancestors_depth(n: fx.Node) -> Dict[fx.Node, int]:
-    """Shortest number of edges from ``n`` back to each ancestor."""
-    depth = {n: 0}
-    frontier = [n]
-    while frontier:
-        nxt = []
-        for x in frontier:
-            for a in x.all_input_nodes:
-                if a not in depth:
-                    depth[a] = depth[x] + 1
-                    nxt.append(a)
-        frontier = nxt
-    return depth
-
-
-def _identity_index(add: fx.Node, modules: Dict[str, nn.Module]) -> Optional[int]:
-    """Which Add input is the identity, when the other is a quantized conv branch; else None."""
-    idx = _identity_side(add, modules)
-    if idx is None:
-        return None
-    branch = _conv_source(add.args[1 - idx], modules)
-    layer = modules.get(str(branch.target)) if branch is not None else None
+    layer = dag.module(split.source)
     if not isinstance(layer, QuantMixin) or not layer.weight_quantizer.is_enabled:
-        return None  # a float conv branch: TensorRT will not fuse an INT8 Add here
-    return idx
-
-
-def _identity_side(add: fx.Node, modules: Dict[str, nn.Module]) -> Optional[int]:
-    a, b = add.args[0], add.args[1]
-    ca, cb = _conv_source(a, modules), _conv_source(b, modules)
-    if ca is not None and cb is None:
-        return 1
-    if cb is not None and ca is None:
-        return 0
-    if ca is None and cb is None:
-        return None  # not a residual connection of a conv branch
-    # Both are conv outputs (e.g. a downsample conv on the skip path): the identity is the one with
-    # the shorter path to the lowest common ancestor.
-    da, db = _ancestors_depth(a), _ancestors_depth(b)
-    common = set(da) & set(db)
-    if not common:
-        return None
-    lca = min(common, key=lambda n: da[n] + db[n])
-    return 0 if da[lca] < db[lca] else 1
+        return None  # a float branch: TensorRT will not fuse an INT8 Add here
+    return split.identity
 
 
 def _owner(node: fx.Node) -> str:
@@ -160,7 +112,8 @@ def trace_quantized(module: nn.Module) -> fx.Graph:
 _trace = trace_quantized
 
 
-def quantizer_inputs(model: nn.Module) -> Optional[Dict[str, List[Optional[fx.Node]]]]:
+def quantizer_inputs(model: nn.Module,
+                     graph: Optional[fx.Graph] = None) -> Optional[Dict[str, List[Optional[fx.Node]]]]:
     """{activation quantizer name: the fx node it reads, per call site}; None when the model does not trace.
 
     Module quantizers of quantized layers read the layer's input; placement's own quantizers (residual,
@@ -168,10 +121,11 @@ def quantizer_inputs(model: nn.Module) -> Optional[Dict[str, List[Optional[fx.No
     is not one node (a keyword argument, a constant) records None. A quantizer instance registered under
     several names is reported under its first name with the call sites of all of them.
     """
-    try:
-        graph = trace_quantized(model)
-    except Exception:
-        return None
+    if graph is None:
+        try:
+            graph = trace_quantized(model)
+        except Exception:
+            return None
     modules = dict(model.named_modules(remove_duplicate=False))
     canonical = {id(m): name for name, m in model.named_modules()}  # first name per instance
     sites: Dict[str, List[Optional[fx.Node]]] = {}
@@ -191,9 +145,10 @@ def quantizer_inputs(model: nn.Module) -> Optional[Dict[str, List[Optional[fx.No
     return sites
 
 
-def same_tensor_groups(model: nn.Module) -> List[List[str]]:
-    """Groups (size >= 2) of activation quantizers that read the same tensor at their only call site."""
-    sites = quantizer_inputs(model) or {}
+def same_tensor_groups(model: nn.Module, graph: Optional[fx.Graph] = None) -> List[List[str]]:
+    """Groups (size >= 2) of activation quantizers that read the same tensor at their only call site
+    (``graph``: the model's :func:`trace_quantized` graph when the caller has it already)."""
+    sites = quantizer_inputs(model, graph) or {}
     by_node: Dict[fx.Node, List[str]] = {}
     for name, nodes in sites.items():
         if len(nodes) == 1 and nodes[0] is not None:
@@ -217,6 +172,7 @@ def apply_trt_placement(model: nn.Module, cfg) -> PlacementState:
         return state
     state.traced = True
     modules = dict(model.named_modules())
+    dag = FxDag(graph, modules)
 
     # Sites (Adds, functional pools) per owning module, in execution order; which input to quantize
     # is decided here, on the whole-model graph, where both branches are visible.
@@ -225,7 +181,7 @@ def apply_trt_placement(model: nn.Module, cfg) -> PlacementState:
         kind = _site_kind(n)
         if kind is None:
             continue
-        idx = _identity_index(n, modules) if kind == "add" else 0
+        idx = _identity_index(n, dag) if kind == "add" else 0
         sites.setdefault(_owner(n), []).append((kind, idx))
     for owner in sorted(sites, key=lambda s: (-s.count("."), s)):
         if any(idx is not None for _, idx in sites[owner]):
@@ -234,19 +190,30 @@ def apply_trt_placement(model: nn.Module, cfg) -> PlacementState:
     # Concat: quantizers reading the inputs of one Concat share amax (TensorRT needs one scale).
     graph = _trace(model)
     modules = dict(model.named_modules())
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target in rules.CAT_FUNCTIONS and n.args:
-            ins = n.args[0] if isinstance(n.args[0], (list, tuple)) else []
-            group = []
-            for inp in ins:
-                if isinstance(inp, fx.Node) and inp.op == "call_module" and isinstance(modules.get(str(inp.target)), TensorQuantizer):
-                    group.append(str(inp.target))
-            if len(group) > 1:
-                state.amax_groups.append(group)
-                for g in group:
-                    state.rules[g] = rules.RULE_CONCAT
+    for _, quantizers in concat_quantizer_groups(FxDag(graph, modules), graph.nodes):
+        group = [q for q in quantizers if q is not None]
+        if len(group) > 1:
+            state.amax_groups.append(group)
+            for g in group:
+                state.rules[g] = rules.RULE_CONCAT
+    state.shared_inputs = share_results(model, same_tensor_groups(model, graph))
     setattr(model, _STATE_ATTR, state)
     return state
+
+
+def share_results(model: nn.Module, groups: List[List[str]]) -> List[List[str]]:
+    """Give the quantizers of each group (they read one tensor) one :class:`SharedQuantResult`."""
+    qs = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    done = []
+    for group in groups:
+        members = [qs[n] for n in group if n in qs]
+        if len(members) < 2:
+            continue
+        slot = SharedQuantResult(len(members))
+        for q in members:
+            q.shared_result = slot
+        done.append([n for n in group if n in qs])
+    return done
 
 
 def _rewrite_owner(model: nn.Module, owner: str, sites: List[Tuple[str, Optional[int]]], cfg,

@@ -1,27 +1,16 @@
-"""TensorRT placement rules as data: which ops fuse, commute, or end a conv branch."""
+"""TensorRT placement rules as data: the fx sites placement rewrites, and the rule names it reports.
+
+Which ops belong to a conv epilogue or commute with quantization is the shared vocabulary of
+:mod:`trtquant.graph.ops` (mapped from torch in :mod:`.fx_dag`); which Add input is the identity is
+:func:`trtquant.graph.dag.residual_split`.
+"""
 
 from __future__ import annotations
 
-import operator
-
-import torch
 import torch.nn.functional as F
-from torch import nn
 
-# Elementwise ops whose second tensor input may be a residual identity.
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-ADD_METHODS = {"add", "add_"}
-CAT_FUNCTIONS = {torch.cat, torch.concat}
 AVGPOOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d}
-
-# Layers TensorRT fuses into the preceding Conv (Conv+BN+act): walking back through them from an
-# Add input still lands on "the conv branch".
-CONV_EPILOGUE_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU,
-                         nn.Hardswish, nn.GELU, nn.Identity, nn.Dropout)
-CONV_EPILOGUE_FUNCTIONS = {F.relu, F.relu6, torch.relu, F.silu, F.hardswish, F.leaky_relu, F.gelu, F.dropout,
-                           F.batch_norm}
-CONV_EPILOGUE_METHODS = {"relu", "relu_"}
 
 # Rule names shown by placement_report().
 RULE_WEIGHTED_INPUT = "weighted-op input (Conv/Linear fuse DQ on inputs)"
