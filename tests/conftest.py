@@ -2,7 +2,8 @@
 
 Markers (declared in pyproject.toml):
   gpu  - needs a CUDA GPU; skipped where ``torch.cuda.is_available()`` is False.
-  trt  - needs the TensorRT Python package and a GPU; skipped where either is missing.
+  trt  - needs the TensorRT Python package and a GPU; skipped where either is missing (type stubs such as
+         tensorrt-stubs make ``import tensorrt`` succeed without TensorRT: they do not count).
   slow - longer CPU tests; run by default, deselect with ``-m "not slow"``.
 """
 
@@ -21,15 +22,32 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 
+def _not_tensorrt(module: object) -> str | None:
+    """Why an imported ``tensorrt`` module is not the TensorRT library, or None when it is.
+
+    The ``tensorrt-stubs`` package (type hints only) installs ``tensorrt/__init__.pyi`` and no code,
+    so ``import tensorrt`` succeeds with an empty namespace package where TensorRT is absent.
+    """
+    file = getattr(module, "__file__", None)
+    if not file:
+        where = ", ".join(getattr(module, "__path__", None) or ["?"])
+        return (f"TensorRT is not installed: 'tensorrt' ({where}) is a namespace package without code, "
+                "e.g. the type stubs of tensorrt-stubs")
+    missing = [name for name in ("__version__", "Builder") if not hasattr(module, name)]
+    if missing:
+        return f"TensorRT is not installed: 'tensorrt' ({file}) has no {', '.join(missing)}"
+    return None
+
+
 def _tensorrt_missing() -> str | None:
     """Why TensorRT tests cannot run here, or None when they can."""
     if not torch.cuda.is_available():
         return "TensorRT tests need a CUDA GPU (torch.cuda.is_available() is False)"
     try:
-        importlib.import_module("tensorrt")
+        module = importlib.import_module("tensorrt")
     except Exception as e:  # ImportError, or a broken install raising anything else
         return f"TensorRT Python package not importable: {type(e).__name__}: {e}"
-    return None
+    return _not_tensorrt(module)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:

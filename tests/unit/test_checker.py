@@ -1,18 +1,26 @@
-"""check_onnx: one correct model per pattern, one broken variant per checklist rule."""
+"""check_onnx: one correct model per pattern, one broken variant per checklist rule.
+
+:data:`BROKEN` maps every rule id the checker declares to a broken model that triggers it;
+``test_every_declared_rule_id_has_a_broken_model`` keeps the two in step.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trtquant.export.checker import CheckReport, Finding, check_onnx
+from trtquant.export.checker import RULE_IDS, RULES, VALIDATION_IDS, CheckReport, Finding, check_onnx, rule_ids
+from trtquant.export.checker import run as checker_run
 
 OPSET = 17
 C = 16  # channels of the ResNet-style block
@@ -99,15 +107,15 @@ def resnet_block(*, skip_q: bool = True, branch_q: bool = False, x_scale: float 
     return b.model({"x": [batch, C, 8, 8]}, {out: [batch, C, 8, 8]}, opset=opset)
 
 
-def gemm_model(*, trans_b: int = 1, axis: int = 0) -> onnx.ModelProto:
-    """x[4,32] -> Q/DQ -> Gemm(W per-row, float bias) -> y[4,16]."""
+def gemm_model(*, trans_b: int = 1, axis: int = 0, batch: int = 4) -> onnx.ModelProto:
+    """x[batch,32] -> Q/DQ -> Gemm(W per-row, float bias) -> y[batch,16]."""
     b = Builder()
     xq = b.qdq("x", "x", 0.05)
     w_shape = (16, 32) if trans_b else (32, 16)
     w = b.weight("fc_w", w_shape, axis=axis, scale_axis=axis)
     bias = b.init("fc_b", np.zeros(16, np.float32))
     y = b.node("Gemm", [xq, w, bias], "fc", transB=trans_b)
-    return b.model({"x": [4, 32]}, {y: [4, 16]})
+    return b.model({"x": [batch, 32]}, {y: [batch, 16]})
 
 
 def concat_model(scales: tuple[float, float] = (0.05, 0.05), quantize_b: bool = True) -> onnx.ModelProto:
@@ -116,6 +124,140 @@ def concat_model(scales: tuple[float, float] = (0.05, 0.05), quantize_b: bool = 
     bb = b.qdq("b", "b", scales[1]) if quantize_b else "b"
     y = b.node("Concat", [a, bb], "concat", axis=1)
     return b.model({"a": [1, 8, 4, 4], "b": [1, 8, 4, 4]}, {y: [1, 16, 4, 4]})
+
+
+def no_qdq_model() -> onnx.ModelProto:
+    b = Builder()
+    w = b.init("w", np.ones((C, C, 3, 3), np.float32))
+    y = b.node("Conv", ["x", w], "conv", kernel_shape=[3, 3])
+    return b.model({"x": [1, C, 8, 8]}, {y: [1, C, 6, 6]})
+
+
+def dangling_input_model() -> onnx.ModelProto:
+    """A node reads a tensor nothing defines: onnx.checker fails."""
+    model = resnet_block()
+    model.graph.node[3].input[0] = "undefined_tensor"
+    return model
+
+
+def shape_mismatch_model() -> onnx.ModelProto:
+    """Add of [1,3] and [1,4]: strict shape inference fails."""
+    b = Builder()
+    y = b.node("Add", ["a", "b"], "add")
+    return b.model({"a": [1, 3], "b": [1, 4]}, {y: [1, 4]})
+
+
+def unknown_rank_model() -> onnx.ModelProto:
+    """Reshape to a runtime shape of unknown length, then Q/DQ: the Q/DQ input has no rank."""
+    b = Builder()
+    r = b.qdq(b.node("Reshape", ["x", "shape"], "reshape"), "r", 0.05)
+    y = b.node("Shape", [b.node("Relu", [r], "relu")], "shape_of")
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+                                             helper.make_tensor_value_info("shape", TensorProto.INT64, ["k"])],
+                              [helper.make_tensor_value_info(y, TensorProto.INT64, ["k"])], b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
+
+
+def qlinearconv_model() -> onnx.ModelProto:
+    b = Builder()
+    ins = ["x", b.init("xs", np.float32(0.1)), b.init("xz", np.uint8(128)),
+           b.init("w", np.ones((4, 4, 1, 1), np.uint8)), b.init("ws", np.float32(0.1)), b.init("wz", np.uint8(0)),
+           b.init("ys", np.float32(0.2)), b.init("yz", np.uint8(128))]
+    y = b.node("QLinearConv", ins, "qconv")
+    return b.model({"x": [1, 4, 8, 8]}, {y: [1, 4, 8, 8]}, elem=TensorProto.UINT8)
+
+
+def trt_domain_model() -> onnx.ModelProto:
+    b = Builder()
+    b.nodes.append(helper.make_node("TRT_FP8QuantizeLinear", ["x", b.init("s", np.float32(0.1))], ["y"],
+                                    name="fp8_q", domain="trt"))
+    model = b.model({"x": [1, 4]}, {})
+    model.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]))
+    model.opset_import.append(helper.make_opsetid("trt", 1))
+    return model
+
+
+def activation_qdq_model(x_shape: list[int | str], scale: float | np.ndarray = 0.05) -> onnx.ModelProto:
+    """x -> Q/DQ -> Relu."""
+    b = Builder()
+    y = b.node("Relu", [b.qdq("x", "x", scale)], "relu")
+    return b.model({"x": x_shape}, {y: x_shape})
+
+
+def int4_odd_weight_model() -> onnx.ModelProto:
+    """MatMul with an INT4 weight [16, 15]: the odd last dimension cannot be packed (opset 21 for INT4)."""
+    b = Builder()
+    b.inits.append(helper.make_tensor("w", TensorProto.INT4, [16, 15], [i % 15 - 7 for i in range(16 * 15)]))
+    b.inits.append(helper.make_tensor("w_zp", TensorProto.INT4, [], [0]))
+    w = b.node("DequantizeLinear", ["w", b.init("w_scale", np.float32(0.01)), "w_zp"], "w_dq")
+    y = b.node("MatMul", [b.qdq("x", "x", 0.05), w], "mm")
+    return b.model({"x": [4, 16]}, {y: [4, 15]}, opset=21)
+
+
+def non_constant_scale_model() -> onnx.ModelProto:
+    b = Builder()
+    xq = b.qdq("x", "x", 0.0, scale_input="s")
+    y = b.node("Relu", [xq], "relu")
+    return b.model({"x": [1, 4], "s": []}, {y: [1, 4]})
+
+
+def mismatched_pair_model() -> onnx.ModelProto:
+    """The DQ of x reads another scale than its Q."""
+    model = resnet_block()
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.07, np.float32), "x_scale_other"))
+    next(n for n in model.graph.node if n.name == "x_dq").input[1] = "x_scale_other"
+    return model
+
+
+def twice_quantized_model() -> onnx.ModelProto:
+    b = Builder()
+    y1 = b.node("Relu", [b.qdq("x", "xa", 0.05)], "r1")
+    y2 = b.node("Relu", [b.qdq("x", "xb", 0.06)], "r2")
+    return b.model({"x": [1, 4]}, {y1: [1, 4], y2: [1, 4]})
+
+
+def weight_only_conv_model() -> onnx.ModelProto:
+    b = Builder()
+    y = b.node("Conv", ["x", b.weight("w", (C, C, 3, 3))], "conv", kernel_shape=[3, 3])
+    return b.model({"x": [1, C, 8, 8]}, {y: [1, C, 6, 6]})
+
+
+def gemm_output_qdq_model() -> onnx.ModelProto:
+    """Gemm -> Q/DQ -> Softmax: the output Q/DQ feeds nothing quantizable."""
+    b = Builder()
+    xq = b.qdq("x", "x", 0.05)
+    y = b.qdq(b.node("Gemm", [xq, b.weight("w", (16, 32)), b.init("bias", np.zeros(16, np.float32))], "fc",
+                     transB=1), "fc_out", 0.1)
+    y = b.node("Softmax", [y], "softmax")
+    return b.model({"x": [4, 32]}, {y: [4, 16]})
+
+
+def wrapped_model(op: str, **attrs: Any) -> onnx.ModelProto:
+    """x -> Q/DQ -> ``op`` -> Q/DQ -> Relu."""
+    b = Builder()
+    y = b.qdq(b.node(op, [b.qdq("x", "x", 0.05)], "pool", **attrs), "pool", 0.05)
+    size = 7 if "kernel_shape" in attrs else 8
+    return b.model({"x": [1, 4, 8, 8]}, {b.node("Relu", [y], "relu"): [1, 4, size, size]})
+
+
+def softmax_model() -> onnx.ModelProto:
+    """x -> Q/DQ -> Softmax: TensorRT runs Softmax in float."""
+    b = Builder()
+    y = b.node("Softmax", [b.qdq("x", "x", 0.05)], "softmax")
+    return b.model({"x": [4, 16]}, {y: [4, 16]})
+
+
+def rank2_scale_model() -> onnx.ModelProto:
+    """A [1, 4] scale on a rank-4 activation: neither per-tensor, per-channel nor block."""
+    return activation_qdq_model([1, 4, 8, 8], np.full((1, 4), 0.05, np.float32))
+
+
+def small_conv_model() -> onnx.ModelProto:
+    b = Builder()
+    r = b.qdq(b.node("Relu", ["x"], "relu"), "r", 0.05)
+    w = b.weight("w", (3, 5, 1, 3))
+    y = b.node("Conv", [r, w], "conv", kernel_shape=[1, 3])
+    return b.model({"x": [1, 5, 8, 8]}, {y: [1, 3, 8, 6]})
 
 
 def rules(report: CheckReport, severity: str | None = None) -> set[str]:
@@ -164,10 +306,7 @@ def test_c20_downsample_block_skip_is_the_shorter_branch() -> None:
 
 
 def test_a0_no_qdq_is_info_and_ok() -> None:
-    b = Builder()
-    w = b.init("w", np.ones((C, C, 3, 3), np.float32))
-    y = b.node("Conv", ["x", w], "conv", kernel_shape=[3, 3])
-    report = check_onnx(b.model({"x": [1, C, 8, 8]}, {y: [1, C, 6, 6]}))
+    report = check_onnx(no_qdq_model())
     f = finding(report, "A0-no-qdq", "info")
     assert "TensorRT will build this in float" in f.message and f.nodes == ("conv",)
     assert report.ok and report.fusion_ok
@@ -175,18 +314,26 @@ def test_a0_no_qdq_is_info_and_ok() -> None:
 
 # --- A. model ---------------------------------------------------------------------------------
 def test_a1_onnx_checker_failure_is_error() -> None:
-    model = resnet_block()
-    model.graph.node[3].input[0] = "undefined_tensor"
-    report = check_onnx(model)
+    report = check_onnx(dangling_input_model())
     assert finding(report, "A1-onnx-checker", "error").message.startswith("onnx.checker failed")
     assert not report.ok
 
 
 def test_a1_shape_inference_failure_is_error() -> None:
-    b = Builder()
-    y = b.node("Add", ["a", "b"], "add")
-    report = check_onnx(b.model({"a": [1, 3], "b": [1, 4]}, {y: [1, 4]}))
-    finding(report, "A1-shape-inference", "error")
+    finding(check_onnx(shape_mismatch_model()), "A1-shape-inference", "error")
+
+
+def test_a1_unknown_rank_is_error() -> None:
+    report = check_onnx(unknown_rank_model())
+    f = finding(report, "A1-unknown-rank", "error")
+    assert f.nodes == ("r_q", "r_dq") and "'reshape_out'" in f.message
+    assert rules(report, "error") == {"A1-unknown-rank"} and not report.warnings, report.format_table()
+
+
+def test_a1_too_large_model_in_memory_is_info() -> None:
+    with mock.patch.object(checker_run, "_PROTO_LIMIT", 1000):  # resnet_block() is ~20 kB
+        report = check_onnx(resnet_block())
+    assert "A1-too-large" in rules(report, "info") and report.ok
 
 
 def test_a2_opset_21_is_error_for_trt10_and_trt11() -> None:
@@ -201,12 +348,7 @@ def test_a2_per_channel_needs_opset_13() -> None:
 
 
 def test_a3_qlinearconv_is_error() -> None:
-    b = Builder()
-    ins = ["x", b.init("xs", np.float32(0.1)), b.init("xz", np.uint8(128)),
-           b.init("w", np.ones((4, 4, 1, 1), np.uint8)), b.init("ws", np.float32(0.1)), b.init("wz", np.uint8(0)),
-           b.init("ys", np.float32(0.2)), b.init("yz", np.uint8(128))]
-    y = b.node("QLinearConv", ins, "qconv")
-    report = check_onnx(b.model({"x": [1, 4, 8, 8]}, {y: [1, 4, 8, 8]}, elem=TensorProto.UINT8))
+    report = check_onnx(qlinearconv_model())
     assert finding(report, "A3-qoperator", "error").nodes == ("qconv",)
     assert "A0-no-qdq" not in rules(report)
 
@@ -224,13 +366,7 @@ def test_a2_fp16_scales_need_opset_19() -> None:
 
 
 def test_a4_trt_domain_qdq_is_info() -> None:
-    b = Builder()
-    b.nodes.append(helper.make_node("TRT_FP8QuantizeLinear", ["x", b.init("s", np.float32(0.1))], ["y"],
-                                    name="fp8_q", domain="trt"))
-    model = b.model({"x": [1, 4]}, {})
-    model.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]))
-    model.opset_import.append(helper.make_opsetid("trt", 1))
-    assert finding(check_onnx(model), "A4-trt-domain", "info").nodes == ("fp8_q",)
+    assert finding(check_onnx(trt_domain_model()), "A4-trt-domain", "info").nodes == ("fp8_q",)
 
 
 def test_a5_fp32_graph_severity_follows_typing() -> None:
@@ -259,11 +395,7 @@ def test_b7_scale_not_finite_positive_is_error(bad: float) -> None:
 
 
 def test_b7_non_constant_scale_is_error() -> None:
-    b = Builder()
-    xq = b.qdq("x", "x", 0.0, scale_input="s")
-    y = b.node("Relu", [xq], "relu")
-    model = b.model({"x": [1, 4], "s": []}, {y: [1, 4]})
-    f = finding(check_onnx(model), "B7-scale", "error")
+    f = finding(check_onnx(non_constant_scale_model()), "B7-scale", "error")
     assert "x_q" in f.nodes and "not a constant" in f.message
 
 
@@ -289,6 +421,13 @@ def test_b8_missing_zero_point_is_error() -> None:
         if node.name in ("x_q", "x_dq"):
             del node.input[2]
     assert "x_q" in finding(check_onnx(model), "B8-zero-point", "error").nodes
+
+
+def test_b9_scale_rank_neither_tensor_channel_nor_block_is_error() -> None:
+    report = check_onnx(rank2_scale_model())
+    f = finding(report, "B9-scale-rank", "error")
+    assert f.nodes == ("x_q", "x_dq") and "scale rank 2" in f.message and "input rank 4" in f.message
+    assert rules(report, "error") == {"B9-scale-rank"} and not report.warnings, report.format_table()
 
 
 def test_b10_per_channel_activation_is_error() -> None:
@@ -331,29 +470,34 @@ def test_b12_axis_follows_transpose_to_matmul() -> None:
     assert "mm" in finding(check_onnx(model(1)), "B12-channel-axis", "error").nodes
 
 
+def test_b13_scalar_qdq_is_error() -> None:
+    report = check_onnx(activation_qdq_model([]))
+    f = finding(report, "B13-scalar", "error")
+    assert f.nodes == ("x_q", "x_dq") and "scalar (rank-0) tensor 'x'" in f.message
+    assert rules(report, "error") == {"B13-scalar"} and not report.warnings, report.format_table()
+
+
+def test_b14_int4_weight_with_odd_last_dimension_is_error() -> None:
+    report = check_onnx(int4_odd_weight_model())
+    f = finding(report, "B14-int4", "error")
+    assert f.nodes == ("w_dq",) and "last dimension 15 is odd" in f.message
+    assert rules(report, "error") == {"A2-opset", "B14-int4"}, report.format_table()  # A2: opset 21 > 20
+    assert not report.warnings, report.format_table()
+
+
 def test_b15_q_pair_params_differ_warns() -> None:
-    model = resnet_block()
-    s = next(t for t in model.graph.initializer if t.name == "x_scale")
-    model.graph.initializer.append(numpy_helper.from_array(np.array(0.07, np.float32), "x_scale_other"))
-    next(n for n in model.graph.node if n.name == "x_dq").input[1] = "x_scale_other"
-    assert s.name == "x_scale"
-    f = finding(check_onnx(model), "B15-qdq-pairing", "warning")
+    f = finding(check_onnx(mismatched_pair_model()), "B15-qdq-pairing", "warning")
     assert f.nodes == ("x_q", "x_dq") and "scale" in f.message
 
 
 def test_b16_tensor_quantized_twice_warns() -> None:
-    b = Builder()
-    y1 = b.node("Relu", [b.qdq("x", "xa", 0.05)], "r1")
-    y2 = b.node("Relu", [b.qdq("x", "xb", 0.06)], "r2")
-    f = finding(check_onnx(b.model({"x": [1, 4]}, {y1: [1, 4], y2: [1, 4]})), "B16-double-qdq", "warning")
+    f = finding(check_onnx(twice_quantized_model()), "B16-double-qdq", "warning")
     assert set(f.nodes) == {"xa_q", "xb_q"}
 
 
 # --- C. placement -----------------------------------------------------------------------------
 def test_c17_only_weight_quantized_warns() -> None:
-    b = Builder()
-    y = b.node("Conv", ["x", b.weight("w", (C, C, 3, 3))], "conv", kernel_shape=[3, 3])
-    report = check_onnx(b.model({"x": [1, C, 8, 8]}, {y: [1, C, 6, 6]}))
+    report = check_onnx(weight_only_conv_model())
     assert finding(report, "C17-partial-quant", "warning").nodes == ("conv",)
     assert not report.fusion_ok
 
@@ -365,12 +509,7 @@ def test_c19_qdq_between_conv_and_bn_or_relu_warns(where: str) -> None:
 
 
 def test_c18_qdq_on_weighted_output_feeding_nothing_quantizable_warns() -> None:
-    b = Builder()
-    xq = b.qdq("x", "x", 0.05)
-    y = b.qdq(b.node("Gemm", [xq, b.weight("w", (16, 32)), b.init("bias", np.zeros(16, np.float32))], "fc",
-                     transB=1), "fc_out", 0.1)
-    y = b.node("Softmax", [y], "softmax")
-    f = finding(check_onnx(b.model({"x": [4, 32]}, {y: [4, 16]})), "C18-output-qdq", "warning")
+    f = finding(check_onnx(gemm_output_qdq_model()), "C18-output-qdq", "warning")
     assert "fc" in f.nodes
 
 
@@ -396,20 +535,35 @@ def test_c21_unequal_concat_scales_warns() -> None:
                                                    "warning").message
 
 
-def test_c22_qdq_around_maxpool_is_info() -> None:
-    b = Builder()
-    y = b.qdq(b.node("MaxPool", [b.qdq("x", "x", 0.05)], "pool", kernel_shape=[2, 2]), "pool", 0.05)
-    report = check_onnx(b.model({"x": [1, 4, 8, 8]}, {b.node("Relu", [y], "relu"): [1, 4, 7, 7]}))
-    assert "pool" in finding(report, "C22-redundant-qdq", "info").nodes
+@pytest.mark.parametrize("op,attrs", [("MaxPool", {"kernel_shape": [2, 2]}), ("Clip", {})])
+def test_c22_qdq_around_a_commuting_op_is_info(op: str, attrs: dict[str, Any]) -> None:
+    report = check_onnx(wrapped_model(op, **attrs))
+    assert finding(report, "C22-redundant-qdq", "info").nodes == ("x_dq", "pool", "pool_q")
+    assert report.ok and report.fusion_ok and not report.warnings, report.format_table()
+
+
+def test_c22_qdq_around_average_pool_is_fusible_info() -> None:
+    report = check_onnx(wrapped_model("AveragePool", kernel_shape=[2, 2]))
+    assert finding(report, "C22-fusible", "info").nodes == ("x_dq", "pool", "pool_q")
+    assert "C22-redundant-qdq" not in rules(report)
+
+
+def test_c22_qdq_feeding_only_softmax_is_float_island_info() -> None:
+    f = finding(check_onnx(softmax_model()), "C22-float-island", "info")
+    assert f.nodes == ("x_q", "x_dq", "softmax")
 
 
 def test_c23_small_channel_conv_warns() -> None:
-    b = Builder()
-    r = b.qdq(b.node("Relu", ["x"], "relu"), "r", 0.05)
-    w = b.weight("w", (3, 5, 1, 3))
-    y = b.node("Conv", [r, w], "conv", kernel_shape=[1, 3])
-    report = check_onnx(b.model({"x": [1, 5, 8, 8]}, {y: [1, 3, 8, 6]}))
+    report = check_onnx(small_conv_model())
     assert finding(report, "C23-small-channel-conv", "warning").nodes == ("conv",)
+
+
+def test_c24_quantized_gemv_warns() -> None:
+    report = check_onnx(gemm_model(batch=1))
+    f = finding(report, "C24-gemv", "warning")
+    assert f.nodes == ("fc",) and "GEMV" in f.message
+    assert rules(report, "warning") == {"C24-gemv"} and report.ok, report.format_table()
+    assert "C24-gemv" not in rules(check_onnx(gemm_model(batch=4)))
 
 
 def test_c25_int32_quantized_bias_is_error() -> None:
@@ -520,10 +674,15 @@ def test_bad_arguments_raise() -> None:
         check_onnx(42)  # type: ignore[arg-type]
 
 
-def test_unparseable_file_is_a1_error(tmp_path: Path) -> None:
-    path = tmp_path / "junk.onnx"
-    path.write_bytes(b"\x00not an onnx model\xff" * 10)
-    assert rules(check_onnx(path), "error") == {"A1-load"}
+def junk_file_report() -> CheckReport:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "junk.onnx"
+        path.write_bytes(b"\x00not an onnx model\xff" * 10)
+        return check_onnx(path)
+
+
+def test_unparseable_file_is_a1_error() -> None:
+    assert rules(junk_file_report(), "error") == {"A1-load"}
 
 
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
@@ -547,3 +706,72 @@ def test_torch_fake_quant_export_parses_without_errors(tmp_path: Path) -> None:
     report = check_onnx(path)
     assert report.ok, report.format_table()
     assert report.stats["weighted_ops_quantized"] == 1
+
+
+# --- every declared rule id has a broken model ----------------------------------------------------
+def _checked(model: Callable[[], onnx.ModelProto], target: str = "trt10", **kw: Any) -> Callable[[], CheckReport]:
+    return lambda: check_onnx(model(), target=target, **kw)  # type: ignore[arg-type]
+
+
+def _too_large_report() -> CheckReport:
+    with mock.patch.object(checker_run, "_PROTO_LIMIT", 1000):
+        return check_onnx(resnet_block())
+
+
+#: rule id -> (severity, the report on a broken model that triggers it).
+BROKEN: dict[str, tuple[str, Callable[[], CheckReport]]] = {
+    "A0-no-qdq": ("info", _checked(no_qdq_model)),
+    "A1-load": ("error", junk_file_report),
+    "A1-onnx-checker": ("error", _checked(dangling_input_model)),
+    "A1-shape-inference": ("error", _checked(shape_mismatch_model)),
+    "A1-too-large": ("info", _too_large_report),
+    "A1-unknown-rank": ("error", _checked(unknown_rank_model)),
+    "A2-opset": ("error", _checked(lambda: resnet_block(opset=21))),
+    "A3-qoperator": ("error", _checked(qlinearconv_model)),
+    "A4-trt-domain": ("info", _checked(trt_domain_model)),
+    "A5-fp32-graph": ("warning", _checked(resnet_block, "trt11")),
+    "B6-dtype": ("error", _checked(lambda: resnet_block(x_zp_dtype=np.uint8))),
+    "B7-scale": ("error", _checked(non_constant_scale_model)),
+    "B8-zero-point": ("error", _checked(lambda: resnet_block(x_zp=3))),
+    "B9-scale-rank": ("error", _checked(rank2_scale_model)),
+    "B10-per-channel-activation": ("error", _checked(lambda: resnet_block(x_axis=1))),
+    "B11-axis": ("error", _checked(lambda: resnet_block(w_axis=None))),
+    "B12-channel-axis": ("error", _checked(lambda: resnet_block(w_axis=1, w_scale_axis=1))),
+    "B13-scalar": ("error", _checked(lambda: activation_qdq_model([]))),
+    "B14-int4": ("error", _checked(int4_odd_weight_model)),
+    "B15-qdq-pairing": ("warning", _checked(mismatched_pair_model)),
+    "B16-double-qdq": ("warning", _checked(twice_quantized_model)),
+    "C17-partial-quant": ("warning", _checked(weight_only_conv_model)),
+    "C18-output-qdq": ("warning", _checked(gemm_output_qdq_model)),
+    "C19-conv-act-qdq": ("warning", _checked(lambda: resnet_block(act_qdq="conv"))),
+    "C20-residual-add": ("warning", _checked(lambda: resnet_block(branch_q=True))),
+    "C21-concat": ("warning", _checked(lambda: concat_model(scales=(0.05, 0.1)))),
+    "C22-redundant-qdq": ("info", _checked(lambda: wrapped_model("MaxPool", kernel_shape=[2, 2]))),
+    "C22-fusible": ("info", _checked(lambda: wrapped_model("AveragePool", kernel_shape=[2, 2]))),
+    "C22-float-island": ("info", _checked(softmax_model)),
+    "C23-small-channel-conv": ("warning", _checked(small_conv_model)),
+    "C24-gemv": ("warning", _checked(lambda: gemm_model(batch=1))),
+    "C25-quantized-bias": ("error", _checked(lambda: resnet_block(bias="int32"))),
+    "C26-dla": ("error", _checked(lambda: resnet_block(batch="N"), "dla")),
+}
+
+
+def test_every_declared_rule_id_has_a_broken_model() -> None:
+    declared = [*VALIDATION_IDS, *RULE_IDS]
+    assert len(declared) == len(set(declared))
+    missing, undeclared = set(declared) - set(BROKEN), set(BROKEN) - set(declared)
+    assert not missing and not undeclared, f"no broken model: {missing}; not declared: {undeclared}"
+
+
+@pytest.mark.parametrize("rule_id", list(BROKEN))
+def test_broken_model_triggers_its_rule(rule_id: str) -> None:
+    severity, report = BROKEN[rule_id]
+    r = report()
+    finding(r, rule_id, severity)
+    assert rules(r) <= {*VALIDATION_IDS, *RULE_IDS}, f"undeclared ids: {rules(r) - {*VALIDATION_IDS, *RULE_IDS}}"
+
+
+def test_rules_are_registered_in_checklist_order() -> None:
+    numbers = [int(rule_ids(r)[0].split("-")[0][1:]) for r in RULES]
+    assert numbers == sorted(numbers) and numbers[0] == 0 and numbers[-1] == 26
+    assert [i for r in RULES for i in rule_ids(r)] == RULE_IDS
