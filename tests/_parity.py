@@ -12,13 +12,16 @@ import functools
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Mapping, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 import trtquant
+from trtquant.graph.dag import residual_split
+from trtquant.graph.index import GraphIndex
+from trtquant.graph.onnx_dag import OnnxDag
 
 _TMP = Path(tempfile.mkdtemp(prefix="trtquant-flows-"))
 atexit.register(shutil.rmtree, _TMP, True)
@@ -91,23 +94,40 @@ def exported(name: str, exporter: str, method: str = "max") -> Path:
 
 # ---- ONNX probing ---------------------------------------------------------------------------------
 
-def constants(model) -> Dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs by tensor name."""
-    from onnx import numpy_helper
+def index(model) -> GraphIndex:
+    """The shared graph model (producers, consumers, constants) of an ONNX model."""
+    return GraphIndex(model)
 
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    out[n.output[0]] = numpy_helper.to_array(a.t)
-    return out
+
+class _Constants(Mapping):
+    """Constant tensors of a graph by name, as :meth:`GraphIndex.const` resolves them (initializers,
+    Constant nodes, and constants seen through Identity/Cast/Transpose/Reshape/...)."""
+
+    def __init__(self, g: GraphIndex) -> None:
+        self._g = g
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        value = self._g.const(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (t for t in dict.fromkeys([*self._g.initializers, *self._g.producer]) if self._g.const(t) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def constants(model) -> Mapping[str, np.ndarray]:
+    """Constant tensors by name (initializers, Constant-node outputs, constants through passthrough ops)."""
+    return _Constants(index(model))
 
 
 def activation_quantize_nodes(model) -> list:
     """QuantizeLinear nodes whose data input is computed (not a constant weight)."""
-    consts = constants(model)
-    return [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts]
+    g = index(model)
+    return [n for n in g.nodes if n.op_type == "QuantizeLinear" and g.const(n.input[0]) is None]
 
 
 def with_extra_outputs(model, outputs: Dict[str, int]):
@@ -141,27 +161,27 @@ def amax_for_scale(scale: np.float32, bound: int = 127) -> torch.Tensor:
 # ---- graph structure --------------------------------------------------------------------------
 
 def producers(model) -> Dict[str, object]:
-    return {o: n for n in model.graph.node for o in n.output}
+    g = index(model)
+    return {t: g.nodes[i] for t, i in g.producer.items()}
 
 
-def conv_distances(model, tensor: str) -> Dict[str, int]:
+def conv_distances(model, tensor: str, g: "GraphIndex | None" = None) -> Dict[str, int]:
     """For every ancestor tensor of ``tensor``: the fewest Conv nodes on a path from it to ``tensor``.
 
     Constant inputs (weights, scales, zero points) are not followed.
     """
-    consts = constants(model)
-    prod = producers(model)
+    g = g or index(model)
     best: Dict[str, int] = {tensor: 0}
     frontier = [tensor]
     while frontier:
         nxt = []
         for t in frontier:
-            node = prod.get(t)
+            node = g.producer_of(t)
             if node is None:
                 continue
             step = 1 if node.op_type == "Conv" else 0
             # A Conv's data input only (not its weight/bias); other ops: every non-constant input.
-            ins = [node.input[0]] if node.op_type == "Conv" else [i for i in node.input if i and i not in consts]
+            ins = [node.input[0]] if node.op_type == "Conv" else [i for i in node.input if i and g.const(i) is None]
             for i in ins:
                 d = best[t] + step
                 if i not in best or d < best[i]:
@@ -172,24 +192,27 @@ def conv_distances(model, tensor: str) -> Dict[str, int]:
 
 
 def identity_input(model, add) -> Tuple[int, Tuple[int, int]]:
-    """Index of the residual Add input that is the identity: fewer Convs back to the common ancestor.
+    """Index of the residual Add input that is the identity, by the shared rule
+    (:func:`trtquant.graph.dag.residual_split`, the one placement and the checker use).
 
-    Returns (index, (convs on input 0's path, convs on input 1's path)).
+    Returns (index, (convs on input 0's path, convs on input 1's path)) - the Conv counts back to the
+    inputs' common ancestor, for the caller's structural assertions.
     """
-    d0, d1 = conv_distances(model, add.input[0]), conv_distances(model, add.input[1])
+    g = index(model)
+    split = residual_split(OnnxDag(g), g.producer[add.output[0]])
+    assert split is not None, f"{add.name}: not a residual Add by the shared rule"
+    d0, d1 = conv_distances(model, add.input[0], g), conv_distances(model, add.input[1], g)
     common: Set[str] = set(d0) & set(d1)
     assert common, f"{add.name}: the two Add inputs share no ancestor"
     lca = min(common, key=lambda t: (d0[t] + d1[t], t))
-    c0, c1 = d0[lca], d1[lca]
-    assert c0 != c1, f"{add.name}: both inputs have {c0} convs back to {lca}; no identity branch"
-    return (0 if c0 < c1 else 1), (c0, c1)
+    return split.identity, (d0[lca], d1[lca])
 
 
 def residual_adds(model) -> list:
     """Add nodes with two computed (non-constant) inputs."""
-    consts = constants(model)
-    return [n for n in model.graph.node
-            if n.op_type == "Add" and len(n.input) == 2 and not (set(n.input) & set(consts))]
+    g = index(model)
+    return [n for n in g.nodes
+            if n.op_type == "Add" and len(n.input) == 2 and all(g.const(i) is None for i in n.input)]
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:

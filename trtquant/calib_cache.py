@@ -185,22 +185,24 @@ def _load_onnx(onnx_path: PathLike):
     return onnx.load(str(onnx_path), load_external_data=False)
 
 
-def _activation_qdq(model):
+def _base_dir(onnx_path: PathLike) -> str:
+    """Directory the model's external-data paths are relative to."""
+    return str(Path(onnx_path).resolve().parent)
+
+
+def _activation_qdq(model, base_dir: str = ""):
     """(QuantizeLinear node, input tensor, float32 scale) for every per-tensor activation Q in a Q/DQ ONNX."""
     import numpy as np
-    from onnx import numpy_helper
 
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value"))
-        elif n.op_type == "Identity" and n.input[0] in consts:
-            consts[n.output[0]] = consts[n.input[0]]
-    for n in model.graph.node:
-        if n.op_type != "QuantizeLinear" or n.input[0] in consts:
-            continue
-        scale = consts.get(n.input[1])
-        if scale is None or np.asarray(scale).size != 1:
+    from .graph.index import GraphIndex
+    from .graph.ops import Q
+
+    g = GraphIndex(model, base_dir)
+    for n in g.nodes:
+        if n.op_type != Q or n.input[0] in g.initializers or g.const(n.input[0]) is not None:
+            continue  # a weight
+        scale = g.const(n.input[1])
+        if scale is None or scale.size != 1:
             continue
         yield n, n.input[0], float(np.asarray(scale, np.float32).reshape(()))
 
@@ -209,7 +211,7 @@ def export_trt_cache(onnx_path: PathLike, cache_path: PathLike, trt_version: str
                      algorithm: str = "EntropyCalibration2") -> Dict[str, float]:
     """TensorRT implicit-INT8 cache (TensorRT 8.x/10.x, Jetson DLA) from a Q/DQ ONNX: one line per
     activation tensor that a QuantizeLinear quantizes, named as in the Q/DQ-free graph."""
-    scales = {tensor: scale for _, tensor, scale in _activation_qdq(_load_onnx(onnx_path))}
+    scales = {tensor: scale for _, tensor, scale in _activation_qdq(_load_onnx(onnx_path), _base_dir(onnx_path))}
     if not scales:
         raise ValueError(f"{onnx_path}: no per-tensor activation QuantizeLinear found; export a calibrated model first")
     write_trt_cache(scales, cache_path, trt_version, algorithm)
@@ -228,7 +230,7 @@ def import_trt_cache(model: nn.Module, cache_path: PathLike, onnx_path: PathLike
 
     proto = _load_onnx(onnx_path)
     aliases = qdq_aliases(proto)
-    for node, tensor, _ in _activation_qdq(proto):
+    for node, tensor, _ in _activation_qdq(proto, _base_dir(onnx_path)):
         if tensor not in amax_by_tensor or not amax_by_tensor[tensor] > 0:
             continue
         # The node itself, and the quantizers whose identical Q/DQ on this tensor export merged into it.

@@ -40,10 +40,8 @@ def _probe(path, tmp_path):
     """Run ORT once on 8 images, returning every activation Q node with its float input, codes and DQ output."""
     proto = onnx.load(str(path))
     qnodes = P.activation_quantize_nodes(proto)
-    consumers = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    graph = P.index(proto)
+    consumers = {q.output[0]: [n for _, _, n in graph.consumer_nodes(q.output[0])] for q in qnodes}
     extra = {}
     for q in qnodes:
         extra[q.input[0]] = TensorProto.FLOAT

@@ -7,30 +7,16 @@ from typing import Dict, List
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-
-def _initializers(model: onnx.ModelProto) -> Dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
-def _constant_value(model: onnx.ModelProto, name: str):
-    for t in model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-    return None
+from ..graph.index import GraphIndex
+from ..graph.ops import DQ, Q, QDQ
 
 
 def name_qdq_nodes(model: onnx.ModelProto) -> None:
     """Name unnamed Q/DQ nodes after the tensor they quantize, so validator findings are readable."""
     used = {n.name for n in model.graph.node if n.name}
     for i, n in enumerate(model.graph.node):
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not n.name:
+        if n.op_type in QDQ and not n.name:
             base = f"{n.input[0]}/{n.op_type}"
             name, k = base, 1
             while name in used:
@@ -41,39 +27,30 @@ def name_qdq_nodes(model: onnx.ModelProto) -> None:
 
 def fold_weight_quantize(model: onnx.ModelProto) -> int:
     """QuantizeLinear on a constant weight -> an int8 initializer feeding DequantizeLinear directly."""
-    inits = _initializers(model)
-    graph = model.graph
-    consumers: Dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    g = GraphIndex(model)
     folded = 0
-    keep = []
-    for n in graph.node:
-        if n.op_type == "QuantizeLinear" and n.input[0] in inits:
-            w = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
-            scale = _constant_value(model, n.input[1])
-            zp = _constant_value(model, n.input[2]) if len(n.input) > 2 else np.zeros((), np.int8)
-            if scale is None or zp is None:
-                keep.append(n)
-                continue
-            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-            s = scale.astype(np.float32)
-            if s.ndim == 1:
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                s = s.reshape(shape)
-            info = np.iinfo(zp.dtype)
-            q = np.clip(np.rint(w / s), info.min, info.max).astype(zp.dtype)
-            t = numpy_helper.from_array(q, name=n.output[0])
-            graph.initializer.append(t)
-            if consumers.get(n.input[0], 0) == 1:
-                graph.initializer.remove(inits[n.input[0]])
-            folded += 1
-        else:
-            keep.append(n)
-    del graph.node[:]
-    graph.node.extend(keep)
+    for i, n in enumerate(g.nodes):
+        if n.op_type != Q or n.input[0] not in g.initializers:
+            continue
+        w = g.const(n.input[0]).astype(np.float32)
+        scale = g.const(n.input[1])
+        zp = g.const(n.input[2]) if len(n.input) > 2 else np.zeros((), np.int8)
+        if scale is None or zp is None:
+            continue
+        axis = g.attr(n, "axis", 1)
+        s = scale.astype(np.float32)
+        if s.ndim == 1:
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            s = s.reshape(shape)
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(w / s), info.min, info.max).astype(zp.dtype)
+        g.add_initializer(q, name=n.output[0])
+        if len(g.consumers.get(n.input[0], ())) == 1:
+            g.remove_initializer(n.input[0])
+        g.remove_node(i)
+        folded += 1
+    g.commit()
     return folded
 
 
@@ -103,46 +80,41 @@ def dedupe_qdq(model: onnx.ModelProto) -> int:
     same amax; the TorchScript exporter still writes two pairs, which TensorRT treats as
     per-consumer scales. One shared pair is what it fuses.
     """
-    graph = model.graph
-    consumers: Dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in graph.output}
-    seen: Dict[tuple, onnx.NodeProto] = {}
+    g = GraphIndex(model)
+    seen: Dict[tuple, str] = {}  # key -> output of the kept pair's DQ
+    seen_name: Dict[tuple, str] = {}
     aliases: Dict[str, List[str]] = {}
     rename: Dict[str, str] = {}
-    drop = set()
-    for n in graph.node:
-        if n.op_type != "QuantizeLinear":
+    drop: List[int] = []
+    for i, n in enumerate(g.nodes):
+        if n.op_type != Q:
             continue
-        dqs = consumers.get(n.output[0], [])
-        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or dqs[0].output[0] in graph_outputs:
+        dqs = list(g.consumer_nodes(n.output[0]))
+        if len(dqs) != 1 or dqs[0][2].op_type != DQ or g.is_graph_output(dqs[0][2].output[0]):
             continue  # a DQ that is a graph output keeps its name (and so its own pair)
-        scale = _constant_value(model, n.input[1])
-        zp = _constant_value(model, n.input[2]) if len(n.input) > 2 else None
+        dqi, dq = dqs[0][0], dqs[0][2]
+        scale = g.const(n.input[1])
+        zp = g.const(n.input[2]) if len(n.input) > 2 else None
         if scale is None:
             continue
-        axis = next((a.i for a in n.attribute if a.name == "axis"), None)
+        axis = g.attr(n, "axis")
         key = (n.input[0], scale.dtype.str, scale.tobytes(), None if zp is None else (zp.dtype.str, zp.tobytes()), axis)
         if key in seen:
-            rename[dqs[0].output[0]] = consumers[seen[key].output[0]][0].output[0]
-            drop.update({id(n), id(dqs[0])})
-            if n.name and seen[key].name:
-                aliases.setdefault(seen[key].name, []).append(n.name)
+            rename[dq.output[0]] = seen[key]
+            drop += [i, dqi]
+            if n.name and seen_name[key]:
+                aliases.setdefault(seen_name[key], []).append(n.name)
         else:
-            seen[key] = n
+            seen[key], seen_name[key] = dq.output[0], n.name
     if not rename:
         return 0
     if aliases:  # which quantizers a kept Q node stands for (import_trt_cache maps amax back through it)
         _set_metadata(model, QDQ_ALIASES_KEY, json.dumps(aliases, sort_keys=True))
-    keep = [n for n in graph.node if id(n) not in drop]
-    for n in keep:
-        for i, name in enumerate(n.input):
-            if name in rename:
-                n.input[i] = rename[name]
-    del graph.node[:]
-    graph.node.extend(keep)
+    for i in drop:
+        g.remove_node(i)
+    for old, new in rename.items():
+        g.replace_uses(old, new)
+    g.commit()
     return len(rename)
 
 
@@ -153,23 +125,22 @@ def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
     treat as a pooling layer; GlobalAveragePool is the same math and runs in INT8 after a DQ.
     """
     changed = 0
-    ranks = None
-    for n in model.graph.node:
+    g = GraphIndex(model)
+    inferred = None
+    for n in g.nodes:
         if n.op_type != "ReduceMean":
             continue
-        keep = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
-        axes_attr = next((list(a.ints) for a in n.attribute if a.name == "axes"), None)
-        axes = axes_attr
+        axes = g.attr(n, "axes")
         if axes is None and len(n.input) > 1:
-            v = _constant_value(model, n.input[1])
+            v = g.const(n.input[1])
             axes = None if v is None else [int(a) for a in np.asarray(v).ravel()]
-        if keep != 1 or axes is None:
+        if g.attr(n, "keepdims", 1) != 1 or axes is None:
             continue
-        if ranks is None:
-            ranks = _tensor_ranks(model)
+        if inferred is None:
+            inferred = _inferred(model)
         # GlobalAveragePool averages every dimension after the channel: only the 4-D case is this ReduceMean
         # (axes (-2, -1) of a 3-D tensor or (2, 3) of a 5-D one are not).
-        if ranks.get(n.input[0]) != 4 or sorted(a % 4 for a in axes) != [2, 3]:
+        if inferred is None or inferred.rank(n.input[0]) != 4 or sorted(a % 4 for a in axes) != [2, 3]:
             continue
         del n.input[1:]
         del n.attribute[:]
@@ -180,19 +151,12 @@ def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
     return changed
 
 
-def _tensor_ranks(model: onnx.ModelProto) -> Dict[str, int]:
-    """Rank of every tensor whose rank ONNX shape inference knows (empty if inference fails)."""
+def _inferred(model: onnx.ModelProto):
+    """The index of ``model`` after ONNX shape inference (None if inference fails)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        return GraphIndex(onnx.shape_inference.infer_shapes(model))
     except Exception:  # an op shape inference does not know: rewrite nothing rather than guess
-        return {}
-    ranks: Dict[str, int] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            ranks[vi.name] = len(t.shape.dim)
-    return ranks
+        return None
 
 
 def _names_read(graph: onnx.GraphProto) -> set:
