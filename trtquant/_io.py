@@ -40,6 +40,7 @@ def atomic_write_text(path: Union[str, "os.PathLike[str]"], text: str) -> Path:
 
 def cache_dir() -> Path:
     """trtquant's per-user cache (trained models, compiled kernels): ``$TRTQUANT_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/trtquant`` or ``~/.cache/trtquant`` (never in git)."""
-    env = os.environ.get("TRTQUANT_CACHE_DIR")
-    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtquant"
+    ``$XDG_CACHE_HOME/trtquant`` or ``~/.cache/trtquant`` (never in git); read through :mod:`trtquant.settings`."""
+    from .settings import get_settings
+
+    return get_settings().cache_root

@@ -1,18 +1,22 @@
 """calibrate(): run data through a quantized model and set every quantizer's amax.
 
 Quantizers go into calibration state for the pass and get their previous state back afterwards,
-also when the data loop raises.
+also when the data loop raises. The pass runs inside a :class:`CalibrationSession`, which owns the
+"this tensor was already binned by calibrator X" sharing between quantizers of one tensor and
+resolves it (aliases take their source's statistics) when it closes. No state is kept at module level.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
 
+from .calib.base import Calibrator
 from .calib.max import MaxCalibrator
 from .convert import name_quantizers
 from .errors import CalibrationError
@@ -26,6 +30,88 @@ Data = Union[Iterable[Any], Callable[[nn.Module], None]]
 def quantizers(model: nn.Module) -> Dict[str, TensorQuantizer]:
     """Every TensorQuantizer of the model by fully qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+class CalibrationSession:
+    """One calibration pass: quantizers that observe a tensor another quantizer of the session just
+    binned alias that calibrator instead of binning the same values again.
+
+    Several quantizers often read one tensor (a block input feeds conv1's input quantizer and the
+    residual quantizer). Use as a context manager (or :meth:`open` / :meth:`close`): while open, the
+    quantizers report their observations to it; :meth:`close` resolves every alias (the aliased
+    calibrator copies its source's statistics) and detaches the quantizers. The statistics are
+    identical to every quantizer collecting by itself, which is what happens without a session.
+    """
+
+    def __init__(self, quantizers: Iterable[TensorQuantizer]):
+        self.quantizers: List[TensorQuantizer] = list(quantizers)
+        # id(tensor) -> (weakref to it, its _version when binned, the calibrator that binned it)
+        self._observed: Dict[int, tuple] = {}
+        # quantizer -> the calibrator whose statistics it shares (it skipped binning the same data)
+        self._aliases: Dict[TensorQuantizer, Calibrator] = {}
+        self.is_open = False
+
+    def open(self) -> "CalibrationSession":
+        for q in self.quantizers:
+            prev = q.calib_session
+            if prev is not None and prev is not self:
+                prev.resolve(q)
+            q.calib_session = self
+        self.is_open = True
+        return self
+
+    def close(self) -> None:
+        """Resolve every alias and detach the quantizers (idempotent)."""
+        self.resolve_all()
+        for q in self.quantizers:
+            if q.calib_session is self:
+                q.calib_session = None
+        self._observed.clear()
+        self.is_open = False
+
+    def __enter__(self) -> "CalibrationSession":
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copied model is not part of this pass
+
+    @property
+    def aliases(self) -> Dict[TensorQuantizer, Calibrator]:
+        """Quantizers currently sharing another calibrator's statistics (read-only view for tests)."""
+        return dict(self._aliases)
+
+    def observe(self, q: TensorQuantizer, x: torch.Tensor) -> None:
+        """``q`` observes ``x``: alias the calibrator that already binned this very tensor, or collect."""
+        cal = q._calibrator
+        assert cal is not None  # enable_calib() checked
+        seen = self._observed.get(id(x))
+        alias = self._aliases.get(q)
+        if seen is not None and seen[0]() is x and seen[1] == x._version and seen[2] is not cal \
+                and seen[2].config_key() == cal.config_key() and (alias is None or alias is seen[2]) \
+                and (alias is not None or cal.num_batches == 0):
+            self._aliases[q] = seen[2]
+            return
+        if alias is not None:  # the alias broke: until now both saw the same data
+            cal.copy_from(alias)
+            del self._aliases[q]
+        cal.collect(x)
+        try:
+            self._observed[id(x)] = (weakref.ref(x), x._version, cal)
+        except TypeError:
+            pass
+
+    def resolve(self, q: TensorQuantizer) -> None:
+        """``q`` takes its source's statistics now (if it aliased one) and collects by itself from here."""
+        src = self._aliases.pop(q, None)
+        if src is not None and q._calibrator is not None:
+            q._calibrator.copy_from(src)
+
+    def resolve_all(self) -> None:
+        for q in list(self._aliases):
+            self.resolve(q)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -71,23 +157,26 @@ def _progress(it: Iterable[Any], total: Optional[int], desc: str, show: bool) ->
 
 @contextlib.contextmanager
 def calibration_mode(model: nn.Module, ignore_nonfinite: bool = False) -> Iterator[Dict[str, TensorQuantizer]]:
-    """Enabled quantizers collect (and do not quantize); states and train/eval mode restored on exit."""
+    """Enabled quantizers collect (and do not quantize) inside one :class:`CalibrationSession`; states and
+    train/eval mode restored on exit."""
     qs = {n: q for n, q in quantizers(model).items() if q.is_enabled}
     saved = {n: q.get_state() for n, q in qs.items()}
     was_training = model.training
     model.eval()
+    session = CalibrationSession(q for q in qs.values() if q._calibrator is not None)
     try:
-        for q in qs.values():
-            if q._calibrator is None:
-                continue
-            q._calibrator.reset()
-            q.__dict__.pop("_calib_alias", None)
-            q._calibrator.ignore_nonfinite = ignore_nonfinite
+        for q in session.quantizers:
+            q.resolve_shared_observation()  # a session left open elsewhere: settle it before resetting
+            cal = q._calibrator
+            assert cal is not None
+            cal.reset()
+            cal.ignore_nonfinite = ignore_nonfinite
             q.disable_quant()
             q.enable_calib()
-        yield qs
+        with session:
+            yield qs
     finally:
-        end_shared_observations(qs.values())
+        session.close()
         for n, q in qs.items():
             q.set_state(saved[n])
         model.train(was_training)

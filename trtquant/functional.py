@@ -8,12 +8,14 @@ an early layer is enough to change a deep network's output after export.
 The op is registered as ``torch.ops.trtquant.fake_quant`` so that torch.export/dynamo see one node
 with a fake (meta) implementation - dynamic batch export works - and the ONNX exporters can map it
 to a QuantizeLinear -> DequantizeLinear pair.
+
+Deliberate global: :data:`KERNELS`, the process's cache of compiled fused kernels (compiled code is
+a per-process resource; its on/off switch comes from :mod:`trtquant.settings`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import types
 from typing import Optional, Tuple
 
@@ -62,37 +64,65 @@ def _ste_reference(grad: Tensor, x: Tensor, amax: Tensor) -> Tensor:
 # Fused single-pass kernels (inductor: vectorised C++ on CPU, Triton on CUDA). The unfused version
 # makes five passes over every activation, which costs more than the convolutions on a CPU.
 _FUSE_MIN_NUMEL = 1 << 16
-_fused: dict = {}
-# TRTQUANT_FUSED_KERNELS=0 selects the unfused reference everywhere.
-_fuse_enabled = os.environ.get("TRTQUANT_FUSED_KERNELS", "1") != "0"
 
 
-def _run(name: str, ref, numel: int, *args):
-    """``ref(*args)``, through its compiled twin when the tensor is big enough to matter."""
-    if not _fuse_enabled or numel < _FUSE_MIN_NUMEL or torch.compiler.is_compiling():
-        return ref(*args)
-    # Plain tensors only: a Parameter would be a different guard (and a recompile) per call site.
-    args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
-    # One compiled kernel per signature - ranks, which dimensions are 1 (dynamo specialises those),
-    # dtypes, device, integer range - so each stays at one graph and never hits the recompile limit.
-    key = (name,) + tuple((tuple(d == 1 for d in a.shape), a.dtype, a.device.type) if isinstance(a, Tensor) else a
-                          for a in args)
-    fn = _fused.get(key)
-    if fn is None:
-        # Dynamo caches compiled graphs per code object: a renamed copy of the code per signature
-        # gives each its own cache (and recompile budget).
-        code = ref.__code__.replace(co_name=f"{ref.__name__}_{len(_fused)}")
-        fresh = types.FunctionType(code, ref.__globals__, code.co_name, ref.__defaults__, ref.__closure__)
-        fn = _fused[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
-    if fn is ref:
-        return ref(*args)
-    try:
-        return fn(*args)
-    except Exception as e:  # no C++ compiler / Triton: stay correct, lose speed for this signature, say so
-        _fused[key] = ref
-        logger.warning("fused fake-quant kernel unavailable for %s (%s: %s); using the unfused path",
-                       key[0], type(e).__name__, str(e).splitlines()[0][:200])
-        return ref(*args)
+class FusedKernels:
+    """The compiled twins of the reference kernels, one per signature, and the switch that allows them.
+
+    ``enabled`` follows ``TRTQUANT_FUSED_KERNELS`` (:mod:`trtquant.settings`; ``0`` selects the unfused
+    reference everywhere) unless set on the object (tests do). One instance, :data:`KERNELS`, serves
+    the process: compiled code is a per-process resource, and sharing it is what makes it cheap.
+    """
+
+    def __init__(self) -> None:
+        self.cache: dict = {}  # signature -> compiled function (or the reference, where compiling failed)
+        self._enabled: Optional[bool] = None  # None: from the settings
+
+    @property
+    def enabled(self) -> bool:
+        e = self._enabled
+        if e is None:
+            from .settings import get_settings
+
+            e = get_settings().fused_kernels
+        return e
+
+    @enabled.setter
+    def enabled(self, value: Optional[bool]) -> None:
+        self._enabled = value
+
+    def run(self, name: str, ref, numel: int, *args):
+        """``ref(*args)``, through its compiled twin when the tensor is big enough to matter."""
+        if numel < _FUSE_MIN_NUMEL or not self.enabled or torch.compiler.is_compiling():
+            return ref(*args)
+        # Plain tensors only: a Parameter would be a different guard (and a recompile) per call site.
+        args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
+        # One compiled kernel per signature - ranks, which dimensions are 1 (dynamo specialises those),
+        # dtypes, device, integer range - so each stays at one graph and never hits the recompile limit.
+        key = (name,) + tuple((tuple(d == 1 for d in a.shape), a.dtype, a.device.type) if isinstance(a, Tensor)
+                              else a for a in args)
+        cache = self.cache
+        fn = cache.get(key)
+        if fn is None:
+            # Dynamo caches compiled graphs per code object: a renamed copy of the code per signature
+            # gives each its own cache (and recompile budget).
+            code = ref.__code__.replace(co_name=f"{ref.__name__}_{len(cache)}")
+            fresh = types.FunctionType(code, ref.__globals__, code.co_name, ref.__defaults__, ref.__closure__)
+            fn = cache[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
+        if fn is ref:
+            return ref(*args)
+        try:
+            return fn(*args)
+        except Exception as e:  # no C++ compiler / Triton: stay correct, lose speed for this signature, say so
+            cache[key] = ref
+            logger.warning("fused fake-quant kernel unavailable for %s (%s: %s); using the unfused path",
+                           key[0], type(e).__name__, str(e).splitlines()[0][:200])
+            return ref(*args)
+
+
+#: The process's compiled kernels (see :class:`FusedKernels`).
+KERNELS = FusedKernels()
+_run = KERNELS.run
 
 
 def _qdq_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:

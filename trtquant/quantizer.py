@@ -3,11 +3,26 @@
 Modes are per instance (never class-wide): ``disabled`` passes through, ``calib`` collects
 statistics, ``quant`` fake-quantizes. amax is a buffer, so it travels with ``state_dict``; an
 uncalibrated quantizer has no amax entry, so float checkpoints load with ``strict=True``.
+
+State that spans several quantizers is held in explicit objects that the quantizers reference,
+never in module globals or on tensors:
+
+* :class:`ExportMode` - while exporting to ONNX (set and reset by ``trtquant.export.onnx.export_mode``).
+* :class:`SharedQuantResult` - one slot per group of quantizers that read one tensor (placement
+  computes the groups): the first quantizes, the others reuse the result while neither the input
+  nor the result changed.
+* a calibration session (``trtquant.calibrate.CalibrationSession``) while it is open: it remembers
+  which calibrator binned which tensor, so a second quantizer of the same tensor aliases the first.
+  Without a session every calibrating quantizer simply collects (identical statistics, slower).
+
+No module-level mutable state is kept here.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -22,17 +37,99 @@ from .functional import amax_to_scale, fake_quant, quant_bounds, quantize
 
 logger = logging.getLogger(__name__)
 
-# While calibrating: id(tensor) -> (weakref to it, its version, calibrator that binned it). Several
-# quantizers often observe one tensor (a block input feeds conv1 and the residual quantizer); the
-# later ones alias the first instead of binning the same values again.
-_observed: dict = {}
-
-
 def end_shared_observations(quantizers) -> None:
-    """Finish a calibration pass: aliased calibrators take their source's statistics."""
+    """Aliased calibrators take their source's statistics (a no-op for quantizers outside a session)."""
     for q in quantizers:
         q.resolve_shared_observation()
-    _observed.clear()
+
+
+@dataclass(frozen=True)
+class ExportMode:
+    """How a quantizer emits ``torch.ops.trtquant.qdq`` during ONNX export: constant scale and zero point.
+
+    ``axis`` is -1 for per-tensor; ``qmin``/``qmax`` the integer range written (narrow range exports
+    as the full range with the same scale); ``compute_dtype`` the float dtype of the Q/DQ math.
+    """
+
+    scale: Tensor
+    zero_point: Tensor
+    axis: int
+    qmin: int
+    qmax: int
+    compute_dtype: Optional[torch.dtype] = None
+
+    @classmethod
+    def of(cls, q: "TensorQuantizer", scale_dtype: torch.dtype = torch.float32) -> "ExportMode":
+        scale, zp, axis = q.export_constants(scale_dtype)
+        info = torch.iinfo(zp.dtype)
+        return cls(scale, zp, axis, info.min, info.max, scale_dtype)
+
+    def apply(self, x: Tensor) -> Tensor:
+        from .export.qdq_op import qdq
+
+        axis = self.axis
+        if axis < -1 or (axis == -1 and self.scale.dim() == 1):
+            axis += x.dim()
+        dt = self.compute_dtype
+        if dt is not None and x.dtype != dt:
+            return qdq(x.to(dt), self.scale, self.zero_point, axis, self.qmin, self.qmax).to(x.dtype)
+        return qdq(x, self.scale, self.zero_point, axis, self.qmin, self.qmax)
+
+
+class SharedQuantResult:
+    """The last fake-quantized value of one tensor, shared by the quantizers that read it.
+
+    Placement gives every group of activation quantizers reading one tensor (a block input read by
+    conv1's input quantizer and the residual or downsample quantizer) one slot. A hit needs the same
+    input object at the same ``_version``, an unmodified result and the same quantization key (amax
+    value, bits, sign, range), so the result is bit-identical to quantizing again. The slot holds the
+    input weakly and the result until every other member has read it (or the next store).
+    """
+
+    __slots__ = ("size", "_src", "_src_version", "_key", "_out", "_out_version", "_left")
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.clear()
+
+    def clear(self) -> None:
+        self._src: Optional[weakref.ref] = None
+        self._src_version = -1
+        self._key: Optional[tuple] = None
+        self._out: Optional[Tensor] = None
+        self._out_version = -1
+        self._left = 0
+
+    def get(self, x: Tensor, key: tuple) -> Optional[Tensor]:
+        src, out = self._src, self._out
+        if src is None or out is None or src() is not x or self._src_version != x._version or self._key != key \
+                or self._out_version != out._version:
+            return None
+        self._left -= 1
+        if self._left <= 0:  # every member has it: do not keep the activation alive any longer
+            self.clear()
+        return out
+
+    def put(self, x: Tensor, key: tuple, out: Tensor) -> None:
+        try:
+            self._src = weakref.ref(x)
+        except TypeError:
+            self.clear()
+            return
+        self._src_version, self._key = x._version, key
+        self._out, self._out_version = out, out._version
+        self._left = self.size - 1
+
+    # Never pickle or deep-copy a cached activation: a copy starts empty (deepcopy keeps the sharing).
+    def __getstate__(self) -> dict:
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.size = state["size"]
+        self.clear()
+
+    def __repr__(self) -> str:
+        return f"SharedQuantResult(size={self.size})"
 
 
 def validate_amax(amax: Tensor, where: str, per_channel: bool) -> None:
@@ -76,8 +173,24 @@ class TensorQuantizer(nn.Module):
         # Observe-only quantizers (ort_only) calibrate for the ONNX Runtime graph and never quantize
         # in the TensorRT model.
         self.ort_only = False
-        # (scale, zero_point, axis, qmin, qmax, float dtype) while exporting to ONNX, else None.
-        self._export: Optional[tuple] = None
+        # Set by trtquant.export.onnx.export_mode while exporting, else None.
+        self.export_mode: Optional[ExportMode] = None
+        # The slot shared with the other quantizers of the same tensor (set by placement), else None.
+        self.shared_result: Optional[SharedQuantResult] = None
+        # The open calibration session this quantizer reports to (trtquant.calibrate), else None.
+        self.calib_session: Optional[Any] = None
+        self._amax_value: Optional[tuple] = None  # (amax identity, float(amax)): one host read per change
+
+    @property
+    def _export(self) -> Optional[ExportMode]:
+        """Read-only alias of :attr:`export_mode` (older internal name)."""
+        return self.export_mode
+
+    def __setstate__(self, state: dict) -> None:
+        # A quantizer pickled by an older trtquant lacks the state-object attributes.
+        super().__setstate__(state)
+        for name in ("export_mode", "shared_result", "calib_session", "_amax_value"):
+            self.__dict__.setdefault(name, None)
 
     # -- descriptor views ---------------------------------------------------------------------
     @property
@@ -134,9 +247,9 @@ class TensorQuantizer(nn.Module):
 
     def resolve_shared_observation(self) -> None:
         """If this quantizer skipped binning a tensor another quantizer had just binned, take its statistics."""
-        src = self.__dict__.pop("_calib_alias", None)
-        if src is not None and self._calibrator is not None:
-            self._calibrator.copy_from(src)
+        session = self.calib_session
+        if session is not None:
+            session.resolve(self)
 
     def enable_clip(self) -> None:
         self._if_clip = True
@@ -222,31 +335,19 @@ class TensorQuantizer(nn.Module):
         if self.quant_desc.per_channel or self.learn_amax or self._if_clip or x.dim() < 2 \
                 or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
             return None
-        cached = self.__dict__.get("_amax_value")
+        cached = self._amax_value
         ident = (amax.data_ptr(), amax._version, amax.device)
         if cached is None or cached[0] != ident:
             cached = self._amax_value = (ident, float(amax))  # one host read per amax change
         return (cached[1], self.num_bits, self.unsigned, self.narrow_range)
 
     def _observe(self, x: Tensor) -> None:
-        import weakref
-
-        cal = self._calibrator
-        seen = _observed.get(id(x))
-        alias = self.__dict__.get("_calib_alias")
-        if seen is not None and seen[0]() is x and seen[1] == x._version and seen[2] is not cal \
-                and seen[2].config_key() == cal.config_key() and (alias is None or alias is seen[2]) \
-                and (alias is not None or cal.num_batches == 0):
-            self._calib_alias = seen[2]
-            return
-        if alias is not None:  # the alias broke: until now both saw the same data
-            cal.copy_from(alias)
-            del self._calib_alias
-        cal.collect(x)
-        try:
-            _observed[id(x)] = (weakref.ref(x), x._version, cal)
-        except TypeError:
-            pass
+        session = self.calib_session
+        if session is None:
+            assert self._calibrator is not None  # enable_calib() checked
+            self._calibrator.collect(x)
+        else:
+            session.observe(self, x)
 
     def export_constants(self, scale_dtype: torch.dtype = torch.float32) -> tuple:
         """(scale, zero_point, axis) as ONNX QuantizeLinear takes them: scale = amax/bound, 1-D per channel."""
@@ -269,15 +370,9 @@ class TensorQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._disabled:
             return x
-        if self._export is not None:
-            from .export.qdq_op import qdq
-
-            scale, zp, axis, qmin, qmax, compute_dtype = self._export
-            if axis < -1 or (axis == -1 and scale.dim() == 1):
-                axis += x.dim()
-            if compute_dtype is not None and x.dtype != compute_dtype:
-                return qdq(x.to(compute_dtype), scale, zp, axis, qmin, qmax).to(x.dtype)
-            return qdq(x, scale, zp, axis, qmin, qmax)
+        mode = self.export_mode
+        if mode is not None:
+            return mode.apply(x)
         if self._if_calib:
             self._observe(x)
         if self._if_quant:
@@ -296,17 +391,18 @@ class TensorQuantizer(nn.Module):
             if amax.device != x.device:
                 amax = amax.to(x.device)
             if self.fake_quant:
-                key = self._share_key(amax, x)
-                if key is not None:
+                slot = self.shared_result
+                key = self._share_key(amax, x) if slot is not None else None
+                if slot is not None and key is not None:
                     # A block input quantized by conv1's and the residual (or downsample) quantizer
-                    # with the same amax is quantized once; the result lives as long as the input.
-                    hit = x.__dict__.get("_trtquant_qdq")
-                    if hit is not None and hit[0] == key and hit[1] == x._version and hit[3] == hit[2]._version:
-                        return hit[2]  # neither the input nor the result was modified since
-                out = fake_quant(x, amax, self.num_bits, self.unsigned, self.narrow_range)
-                if key is not None:
-                    x._trtquant_qdq = (key, x._version, out, out._version)
-                return out
+                    # with the same amax is quantized once.
+                    hit = slot.get(x, key)
+                    if hit is not None:
+                        return hit
+                    out = fake_quant(x, amax, self.num_bits, self.unsigned, self.narrow_range)
+                    slot.put(x, key, out)
+                    return out
+                return fake_quant(x, amax, self.num_bits, self.unsigned, self.narrow_range)
             codes, _ = quantize(x, amax, self.num_bits, self.unsigned, self.narrow_range)
             return codes
         return x

@@ -20,7 +20,13 @@ The state is recorded on the model, and a forward pre-hook on the root module co
 ``model.training`` on every call: a later ``model.eval()`` / ``model.train()`` that no longer fits
 the state (``set_state(model, 'qat')`` then ``model.eval()`` to evaluate, or ``'validate'`` then
 ``model.train()``) warns once with what to call instead, or raises with ``strict=True``. A forward in
-train mode while in ``'calibrate'`` always raises, before BatchNorm updates anything.
+train mode while in ``'calibrate'`` always raises, before BatchNorm updates anything. In
+``'calibrate'`` each forward of the root runs in its own ``trtquant.calibrate.CalibrationSession``
+(opened by a pre-hook, closed by a forward hook), so quantizers of one tensor bin it once.
+
+Deliberate per-model state: the record (``model._trtquant_state``) and the hooks live on the model
+they describe - they must follow it through ``copy.deepcopy`` and be gone with it - and nothing is
+kept at module level.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class _Record:
     calib_amax: Dict[str, Optional[Tuple[Tensor, int]]] = field(default_factory=dict)
     warned: bool = False
     suspended: int = 0
+    # The CalibrationSession of the forward in progress ('calibrate' only), else None.
+    session: Any = field(default=None, repr=False, compare=False)
 
 
 def _observe_only(q: TensorQuantizer) -> bool:
@@ -134,25 +142,38 @@ def _check_mode_hook(module: nn.Module, args: Any) -> None:
         warnings.warn(problem, QuantStateWarning, stacklevel=3)
 
 
-def _end_observations_hook(module: nn.Module, args: Any, output: Any) -> None:
-    """After each forward in 'calibrate': quantizers that aliased another one's observation of the same
-    tensor (quantizer.py's shared observations) take its statistics now, so compute_amax and
-    save_calibration see them without trtquant.calibrate's context manager."""
+def _begin_session_hook(module: nn.Module, args: Any) -> None:
+    """Before each forward in 'calibrate': open a CalibrationSession over the collecting quantizers, so
+    quantizers of one tensor bin it once (see trtquant.calibrate.CalibrationSession)."""
     rec = _record(module)
     if rec is None or rec.state != "calibrate":
         return
-    from . import quantizer as _quantizer
+    if rec.session is not None:  # the previous forward raised before its end hook
+        rec.session.close()
+    from .calibrate import CalibrationSession
 
-    end = getattr(_quantizer, "end_shared_observations", None)
-    if end is not None:
-        end([m for m in module.modules() if isinstance(m, TensorQuantizer)])
+    rec.session = CalibrationSession(
+        m for m in module.modules() if isinstance(m, TensorQuantizer) and m._if_calib and m._calibrator is not None
+        and m.calib_session is None).open()
+
+
+def _end_session_hook(module: nn.Module, args: Any, output: Any) -> None:
+    """After each forward: close the session, so aliased quantizers hold their statistics and
+    compute_amax and save_calibration see them without trtquant.calibrate's context manager."""
+    rec = _record(module)
+    if rec is None or rec.session is None:
+        return
+    session, rec.session = rec.session, None
+    session.close()
 
 
 def _install_hook(model: nn.Module) -> None:
     if not any(h is _check_mode_hook for h in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_check_mode_hook)
-    if not any(h is _end_observations_hook for h in model._forward_hooks.values()):
-        model.register_forward_hook(_end_observations_hook)
+    if not any(h is _begin_session_hook for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_begin_session_hook)
+    if not any(h is _end_session_hook for h in model._forward_hooks.values()):
+        model.register_forward_hook(_end_session_hook)
 
 
 def _uncalibrated(model: nn.Module, qs: Dict[str, TensorQuantizer], rec: Optional[_Record]) -> None:
@@ -213,6 +234,9 @@ def set_state(model: nn.Module, state: str, strict: bool = False, reset: bool = 
     if not all_qs:
         raise TrtQuantError("the model has no quantizers: call trtquant.quantize(model) first")
     rec = _record(model)
+    if rec is not None and rec.session is not None:  # a calibrate forward raised before its end hook
+        session, rec.session = rec.session, None
+        session.close()
     if state != "float":
         wrong = _SET_TIME_PROBLEMS.get((state, model.training))
         if wrong is not None:

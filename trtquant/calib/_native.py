@@ -4,6 +4,11 @@ A pure-Python wheel cannot ship a binary for every CPU, and this kernel is 60 li
 dependency, so it is built once per machine (~1 s) into the trtquant cache directory and loaded
 with ctypes. Without a compiler (or with ``TRTQUANT_NATIVE_HISTOGRAM=0``) calibration falls back to
 torch.histc: identical counts, about 5x slower.
+
+The loaded library (``_lib``, with ``_tried`` and ``_lock``) is this module's one deliberate global:
+a shared library is loaded once per process by the dynamic linker anyway, and loading (or failing
+to) is idempotent. Tests reset ``_lib``/``_tried`` to load again. The switch and the compiler come
+from :mod:`trtquant.settings` (read at the moment of loading).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .._io import cache_dir
+from ..settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +49,7 @@ class HistStats(NamedTuple):
 
 
 def _compiler() -> Optional[str]:
-    cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "").split(" ")[0] or "cc"
+    cc = get_settings().cc or (sysconfig.get_config_var("CC") or "").split(" ")[0] or "cc"
     return shutil.which(cc) or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
@@ -85,7 +91,7 @@ def load() -> Optional[ctypes.CDLL]:
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    if os.environ.get("TRTQUANT_NATIVE_HISTOGRAM", "1") == "0" or sys.platform == "win32":
+    if not get_settings().native_histogram or sys.platform == "win32":
         return None
     cc = _compiler()
     if cc is None:

@@ -71,7 +71,13 @@ def serve(
         raise ValueError(f"max_upload_mb={max_upload_mb} must be > 0")
     level = getattr(logging, log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = os.environ.get(token_env, "").strip() or None
+    from trtquant.settings import env_value, get_settings
+
+    if token_env == DEFAULT_TOKEN_ENV:
+        secret = get_settings().service_token
+        token = secret.get_secret_value().strip() or None if secret is not None else None
+    else:  # a name chosen on the command line
+        token = (env_value(token_env) or "").strip() or None
     if token is None:
         _LOG.warning("$%s is not set: the build API accepts requests without authentication", token_env)
     config = ServiceConfig.from_env(

@@ -33,7 +33,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,9 @@ class ServiceConfig:
     @classmethod
     def from_env(cls, workdir: str | os.PathLike[str], **kwargs: Any) -> ServiceConfig:
         """A config with ``build_delay_s`` read from the test-hook environment variable."""
-        delay = float(os.environ.get(BUILD_DELAY_ENV, "0") or 0)
+        from trtquant.settings import get_settings
+
+        delay = get_settings().test_build_delay_s  # $TRTQUANT_SERVICE_TEST_BUILD_DELAY_S (BUILD_DELAY_ENV)
         return cls(workdir=Path(workdir), build_delay_s=delay, **kwargs)
 
 
@@ -239,6 +241,8 @@ def _validate_onnx(path: Path, options: BuildOptions) -> tuple[dict[str, Any], b
     from onnx import TensorProto
 
     from trtquant.export.checker import check_onnx
+    from trtquant.graph.index import GraphIndex
+    from trtquant.graph.walk import all_tensors
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -246,35 +250,14 @@ def _validate_onnx(path: Path, options: BuildOptions) -> tuple[dict[str, Any], b
         raise _Rejected(422, f"the upload is not a parseable ONNX model: {type(exc).__name__}: {str(exc)[:300]}") from exc
     if proto.ir_version <= 0 or len(proto.graph.node) == 0 or not proto.graph.output:
         raise _Rejected(422, "the upload is not a parseable ONNX model (no IR version, nodes or outputs)")
-    if any(t.data_location == TensorProto.EXTERNAL for t in _all_tensors(proto.graph)):
+    if any(t.data_location == TensorProto.EXTERNAL for t in all_tensors(proto.graph)):
         raise _Rejected(422, "the model references external data files; upload a single-file ONNX "
                              "(onnx.save(model, path, save_as_external_data=False); < 2 GB)")
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs: dict[str, list[int | None]] = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        inputs[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    index = GraphIndex(proto)
+    inputs: dict[str, list[int | None]] = {name: [d if d and d > 0 else None for d in index.shape(name) or ()]
+                                           for name in index.inputs}
     report = check_onnx(proto, target=options.target, strongly_typed=options.strongly_typed())
     return jsonable(report.to_dict()), report.ok, inputs
-
-
-def _all_tensors(graph: Any) -> Iterator[Any]:
-    """Every TensorProto of a graph: initializers (dense and sparse), node attributes, subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
 
 
 async def _read_message(request: Request) -> tuple[bytes, bool]:

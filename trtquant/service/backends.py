@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -329,7 +328,11 @@ def select_backend(prefer: str | None = None, timing_cache_dir: Path | None = No
         BackendUnavailable: ``prefer='tensorrt'`` and TensorRT is not usable here.
         ValueError: unknown ``prefer``.
     """
-    prefer = (prefer or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    if not prefer:
+        from trtquant.settings import get_settings
+
+        prefer = get_settings().service_backend  # $TRTQUANT_SERVICE_BACKEND (BACKEND_ENV)
+    prefer = (prefer or "auto").strip().lower()
     if prefer not in ("auto", "tensorrt", "onnxruntime"):
         raise ValueError(f"backend {prefer!r}; known: auto, tensorrt, onnxruntime")
     if prefer in ("auto", "tensorrt"):
