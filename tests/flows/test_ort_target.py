@@ -13,7 +13,7 @@ import _parity
 from trtquant.export import compare, export_onnx
 from trtquant.export.compare import metrics, ort_session
 from trtquant.export.onnx import ort_flavor_
-from trtquant.export.ort_graph import int8_conv_fraction
+from trtquant.export.ort_graph import WEIGHTS_KEY, host_weight_dtype, int8_conv_fraction
 
 
 def _export(name: str, tmp_path):
@@ -27,14 +27,15 @@ def _export(name: str, tmp_path):
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
 def test_int8_kernels_cover_the_convs(name: str, tmp_path) -> None:
     _, path, _ = _export(name, tmp_path)
-    # The calibrated per-channel int8 weights are in the graph (int8 initializer -> DQ, axis 0, int32
-    # bias): ONNX Runtime would otherwise quantize float Conv weights itself, per tensor.
+    # The calibrated per-channel weights are in the graph (int8 initializer -> DQ, axis 0, int32 bias;
+    # uint8 + 128 on a CPU without VNNI): ONNX Runtime would otherwise quantize float weights itself.
     proto = onnx.load(str(path))
+    code_dtype = np.dtype(host_weight_dtype())
     consts, prod = _parity.constants(proto), _parity.producers(proto)
     for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
         w_dq = prod.get(conv.input[1])
         assert w_dq is not None and w_dq.op_type == "DequantizeLinear", f"{conv.name}: float weight"
-        assert consts[w_dq.input[0]].dtype == np.int8 and consts[w_dq.input[1]].ndim == 1, conv.name
+        assert consts[w_dq.input[0]].dtype == code_dtype and consts[w_dq.input[1]].ndim == 1, conv.name
         if len(conv.input) > 2 and conv.input[2]:
             b_dq = prod.get(conv.input[2])
             assert b_dq is not None and consts[b_dq.input[0]].dtype == np.int32, f"{conv.name}: float bias"
@@ -83,11 +84,7 @@ def test_ort_graph_matches_its_fake_quant_model_teacher_forced(tmp_path) -> None
     flavored = ort_flavor_(copy.deepcopy(model)).eval()
     modules = dict(flavored.named_modules())
     proto = onnx.load(str(path))
-    consts, prod = _parity.constants(proto), _parity.producers(proto)
-    consumers: dict = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consts, graph = _parity.constants(proto), _parity.index(proto)
     qnodes = _parity.activation_quantize_nodes(proto)
     layers = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
     extra = {q.input[0]: TensorProto.FLOAT for q in qnodes}
@@ -129,7 +126,7 @@ def test_ort_graph_matches_its_fake_quant_model_teacher_forced(tmp_path) -> None
         got = torch.from_numpy(values[n.output[0]])
         rel = float((got.double() - ref.double()).norm() / ref.double().norm())
         worst.append((rel, n.name))
-        for q in (c for c in consumers.get(n.output[0], []) if c.op_type == "QuantizeLinear"):
+        for q in (c for _, _, c in graph.consumer_nodes(n.output[0]) if c.op_type == "QuantizeLinear"):
             d = (codes_of(ref, q) - torch.from_numpy(values[q.output[0]].astype(np.int32))).abs()
             differ += count(d, n.name)
             total += d.numel()
@@ -235,3 +232,52 @@ def test_linear_on_3d_input_runs_int8_and_float_readers_stay_float(exporter: str
     assert ops.count("MatMulIntegerToFloat") == 3 and "MatMul" not in ops, ops
     fused = compare(model, path, torch.randn(8, 12, 32), optimize=True).outputs[0]
     assert fused.rel_l2 < 1e-5, fused
+
+
+def test_host_weight_dtype_reads_vnni_from_cpuinfo(tmp_path, monkeypatch) -> None:
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert host_weight_dtype(str(avx2)) == "uint8"
+    assert host_weight_dtype(str(vnni)) == "int8"
+    assert host_weight_dtype(str(tmp_path / "missing")) == "uint8"
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert host_weight_dtype(str(avx2)) == "int8"
+
+
+def test_uint8_and_int8_weight_graphs_hold_the_same_grid(tmp_path) -> None:
+    """ort_weights='uint8' writes codes + 128 with zero point 128: the dequantized weights are identical,
+    so both graphs compute the same values unoptimised (the U8U8 kernels are exact on every CPU)."""
+    import trtquant
+
+    torch.manual_seed(0)
+    model = trtquant.quantize(_Block().eval(), include=torch.nn.Linear, placement=None)
+    trtquant.calibrate(model, [torch.randn(4, 12, 32) for _ in range(2)], method="max", progress=False)
+    graphs = {}
+    for w in ("int8", "uint8"):
+        path = tmp_path / f"{w}.onnx"
+        export_onnx(model, torch.randn(1, 12, 32), path, target="onnxruntime", exporter="legacy", ort_weights=w)
+        proto = onnx.load(str(path))
+        assert {p.key: p.value for p in proto.metadata_props}[WEIGHTS_KEY] == w
+        consts, prod = _parity.constants(proto), _parity.producers(proto)
+        dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and consts.get(n.input[0]) is not None
+               and consts[n.input[0]].dtype in (np.int8, np.uint8)]
+        graphs[w] = {n.input[1]: (consts[n.input[0]], consts[n.input[2]]) for n in dqs}
+    assert len(graphs["int8"]) == 3
+    for (c8, z8), (cu, zu) in zip(graphs["int8"].values(), graphs["uint8"].values()):
+        assert c8.dtype == np.int8 and cu.dtype == np.uint8 and (z8 == 0).all() and (zu == 128).all()
+        np.testing.assert_array_equal(c8.astype(np.int16) + 128, cu.astype(np.int16))
+    x = torch.randn(8, 12, 32)
+    a = compare(model, tmp_path / "int8.onnx", x).outputs[0]
+    b = compare(model, tmp_path / "uint8.onnx", x).outputs[0]
+    assert a.rel_l2 < 1e-5 and b.rel_l2 < 1e-5, (a, b)
+
+
+def test_export_rejects_an_unknown_ort_weight_type(tmp_path) -> None:
+    with pytest.raises(ValueError, match="ort_weights"):
+        export_onnx(torch.nn.Linear(2, 2), torch.randn(1, 2), tmp_path / "x.onnx", target="onnxruntime",
+                    ort_weights="int4")

@@ -131,4 +131,10 @@ def test_trained_resnet18_onnxruntime_int8_graph(tmp_path) -> None:
                    f"noise {[f'{v:.3e}' for v in noise]}; {res.notes}")
         print("\n" + numbers)
         assert res.int8_conv_fraction == 1.0, numbers
-        assert out.top1_agreement >= 0.99 and 0 < out.rel_l2 <= max(noise), numbers
+        # Literal Q/DQ execution computes the flavour's arithmetic: within the noise floor. The fused
+        # kernels requantize each conv output with a float multiply by s_in*s_w/s_out (MLAS) instead of
+        # the true division, which moves a few codes by one step - the same size of change as 1e-6
+        # input noise, so the bound is that floor with 1.5x headroom (measured 1.06x on an AVX2 CPU
+        # with uint8 weights; the u8s8 saturation this test caught on that CPU gave 97 % top-1).
+        bound = max(noise) * (1.5 if optimize else 1.0)
+        assert out.top1_agreement >= 0.99 and 0 < out.rel_l2 <= bound, numbers

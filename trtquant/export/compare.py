@@ -90,6 +90,13 @@ def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[
 
         model = ort_flavor_(copy.deepcopy(model))
         notes.append("reference: the ONNX Runtime flavour of the model (export target 'onnxruntime')")
+        from .ort_graph import WEIGHTS_KEY, host_weight_dtype
+
+        weights = sess.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY, "int8")
+        if optimize and weights == "int8" and host_weight_dtype() == "uint8":
+            notes.append("int8 weights on an x86-64 CPU without VNNI: ONNX Runtime's u8s8 kernels saturate "
+                         "int16 pair sums here, so fused results drift; export with ort_weights='uint8' (or "
+                         "'auto') for exact kernels on this CPU")
     fraction = None
     if int8_kernels:
         fraction = int8_kernel_fraction(onnx_path)

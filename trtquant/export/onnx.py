@@ -24,7 +24,7 @@ from torch import nn
 from ..calib_cache import atomic_write_bytes
 from ..convert import name_quantizers
 from ..errors import ExportError
-from ..quantizer import TensorQuantizer
+from ..quantizer import ExportMode, TensorQuantizer
 from .ort_flavor import ort_flavor_
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class ExportResult:
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
-    """Quantizers emit torch.ops.trtquant.qdq with constant scales; restored on exit."""
+    """Each active quantizer gets an :class:`~trtquant.quantizer.ExportMode` (it then emits
+    torch.ops.trtquant.qdq with constant scales); every one is reset on exit, also after an error."""
     name_quantizers(model)
     active = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.is_enabled and q._if_quant]
     missing = [q.name or "?" for q in active if q.amax is None]
@@ -55,16 +56,15 @@ def export_mode(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterato
             "run trtquant.calibrate (or load a calibrated checkpoint) before export, or disable them"
         )
     scale_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    # Narrow range is exported as the full int8 range with the same scale (exporters reject [-127, 127]).
+    modes = {q: ExportMode.of(q, scale_dtype) for q in active}  # all computed before any is set
     try:
-        for q in active:
-            scale, zp, axis = q.export_constants(scale_dtype)
-            info = torch.iinfo(zp.dtype)
-            # Narrow range is exported as the full int8 range with the same scale (exporters reject [-127, 127]).
-            q._export = (scale, zp, axis, info.min, info.max, scale_dtype)
+        for q, mode in modes.items():
+            q.export_mode = mode
         yield
     finally:
         for q in active:
-            q._export = None
+            q.export_mode = None
 
 
 def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:
@@ -87,6 +87,7 @@ def export_onnx(
     input_names: Optional[Sequence[str]] = None,
     output_names: Optional[Sequence[str]] = None,
     target: str = "tensorrt",
+    ort_weights: str = "auto",
 ) -> ExportResult:
     """Export a calibrated, quantized model to Q/DQ ONNX for TensorRT.
 
@@ -101,9 +102,15 @@ def export_onnx(
         weights: 'qdq' (float initializer -> Q -> DQ) or 'dq_only' (int8 initializer -> DQ).
         target: 'tensorrt' (Q/DQ on layer inputs, the TensorRT artifact) or 'onnxruntime' (the graph
             ONNX Runtime's CPU provider runs with INT8 kernels, from the same calibration; fp32 only).
+        ort_weights: weight codes of the ONNX Runtime graph: 'int8' (zero point 0; fastest where the
+            CPU has VNNI), 'uint8' (zero point 128, the same grid; exact on every CPU) or 'auto' (uint8
+            on an x86-64 CPU without VNNI, whose u8s8 kernels saturate, else int8). See
+            :func:`trtquant.export.ort_graph.host_weight_dtype`.
     """
     if target not in ("tensorrt", "onnxruntime"):
         raise ValueError(f"target must be 'tensorrt' or 'onnxruntime', got {target!r}")
+    if ort_weights not in ("auto", "int8", "uint8"):
+        raise ValueError(f"ort_weights must be 'auto', 'int8' or 'uint8', got {ort_weights!r}")
     if target == "onnxruntime" and dtype != "fp32":
         raise ValueError("target='onnxruntime' writes an fp32 graph with INT8 kernels; use dtype='fp32'")
     if dtype not in _DTYPES:
@@ -156,9 +163,11 @@ def export_onnx(
     dedupe_qdq(proto)
     reduce_mean_to_global_pool(proto)  # rewrites only inputs shape inference proves 4-D
     if target == "onnxruntime":
-        from .ort_graph import to_onnxruntime_graph
+        from .ort_graph import WEIGHTS_KEY, host_weight_dtype, to_onnxruntime_graph
 
-        to_onnxruntime_graph(proto)
+        weight_dtype = host_weight_dtype() if ort_weights == "auto" else ort_weights
+        to_onnxruntime_graph(proto, weight_dtype=weight_dtype)
+        proto.metadata_props.add(key=WEIGHTS_KEY, value=weight_dtype)
     name_qdq_nodes(proto)
     from .compare import TARGET_KEY
 
