@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup typecheck accuracy bench clean
+.PHONY: demo test setup typecheck accuracy bench clean mutants
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,13 @@ typecheck: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Mutation testing (not part of `make test`): the hand-written mutants of trtquant/functional.py against the
+# six test files that must kill them (fails if one survives), then mutmut 3 over functional.py and
+# calib/methods.py with their fast unit tests ([tool.mutmut] in pyproject.toml), both from temporary copies.
+mutants: $(STAMP)
+	$(BIN)/python tools/mutants.py
+	$(BIN)/python tools/mutants.py --mutmut --max-children 2
 
 accuracy: $(STAMP)
 	$(BIN)/python bench/accuracy.py

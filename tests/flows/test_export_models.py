@@ -2,6 +2,16 @@
 
 Both exporters are covered: ResNet-18 with both, the bigger models with one each (time). ResNet-50's
 16 residual Adds must each have a DequantizeLinear on exactly the identity input.
+
+Numeric parity per model (ONNX Runtime with graph optimisations off runs the Q/DQ graph literally):
+  * every scale in the graph is float32(amax) / 127 of a quantizer of the model, computed in numpy;
+  * teacher-forced, layer by layer: the float input of every activation QuantizeLinear, taken from ONNX
+    Runtime, goes through the model's own TensorQuantizer (fake quant); its codes must agree with ORT's
+    (at most 1e-4 of them may differ, by one) and its values equal ORT's DequantizeLinear output bit for
+    bit where they agree; the weights' DequantizeLinear outputs equal the weight quantizers' outputs;
+  * end to end, ORT vs fake quant is printed next to the chaos floor (fake quant vs itself under 1e-6
+    relative input noise) and bounded by a multiple of it: random-init deep nets are chaotic, so the
+    whole-output figure is a sanity bound; the per-layer checks are the real ones.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import pytest
 import torch
 
 import _parity as P
+import _qref as R
 
 pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
@@ -20,6 +31,8 @@ from onnx import TensorProto  # noqa: E402
 
 from trtquant.export.checker import check_onnx  # noqa: E402
 from trtquant.export.compare import ort_session  # noqa: E402
+
+import trtquant  # noqa: E402
 
 CASES = [
     # (model, exporter, amax method)
@@ -59,14 +72,113 @@ def test_export_passes_trt10_checks(name, exporter, method):
             assert n.input[0] in consts or n.op_type == "DequantizeLinear", f"{n.name}: per-channel activation"
             assert any(a.name == "axis" for a in n.attribute), f"{n.name}: per-channel without axis"
 
-    # The model runs in ONNX Runtime with a dynamic batch and agrees with fake quant in shape/class count.
-    size = P.SIZES[name]
-    x = P.image_batches(1, 2, size, seed=9)[0]
-    out = ort_session(path).run(None, {"input": x.numpy()})[0]
+    # The model runs in ONNX Runtime with a dynamic batch and agrees with fake quant, layer by layer.
+    _check_numeric_parity(name, exporter, method, path, proto)
+
+
+# Chaos-floor multiple allowed for the end-to-end figure (see the module docstring), and its absolute floor.
+E2E_FLOOR_FACTOR = 5.0
+E2E_MIN_BOUND = 1e-4
+
+
+def _check_numeric_parity(name, exporter, method, path, proto) -> None:
+    model = P.calibrated(name, method)
+    consts = P.constants(proto)
+    active = {n: q for n, q in trtquant.quantizers(model).items() if q.is_enabled and q._if_quant and q.amax is not None}
+    # numpy's float32(amax) / 127 -> the quantizers with that scale (per tensor), or their weight (per channel).
+    by_scale = {}
+    for n, q in active.items():
+        if not q.quant_desc.per_channel:
+            assert (q.num_bits, q.unsigned) == (8, False), n
+            by_scale.setdefault(float(R.scale_of(q.amax)), []).append(q)
+    weight_scales = {R.scale_of(q.amax).reshape(-1).tobytes(): n for n, q in active.items() if q.quant_desc.per_channel}
+
+    qnodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    act_q = P.activation_quantize_nodes(proto)
+    assert len(act_q) >= 10
+    g = P.index(proto)
+    consumers = {t: [g.nodes[i] for i, _ in uses] for t, uses in g.consumers.items()}
+    graph_scales = set()
+    for n in qnodes:
+        scale = consts[n.input[1]]
+        if scale.size > 1:
+            assert scale.tobytes() in weight_scales, f"{n.name}: per-channel scale is no weight quantizer's amax/127"
+        else:
+            graph_scales.add(float(scale))
+            assert float(scale) in by_scale, f"{n.name}: scale {float(scale)!r} is no quantizer's float32(amax)/127"
+    # Every per-tensor quantizer of the model is in the graph (quantizers of one tensor share a Q/DQ pair).
+    missing = [s for s in by_scale if s not in graph_scales]
+    assert not missing, f"{len(missing)} quantizer scales not in the graph, e.g. {missing[:3]}"
+
+    # ORT once, with every activation Q's float input, its codes, and its DQ outputs as extra outputs.
+    extra = {}
+    for q in act_q:
+        extra[q.input[0]] = TensorProto.FLOAT
+        extra[q.output[0]] = TensorProto.INT8
+        for dq in consumers[q.output[0]]:
+            extra[dq.output[0]] = TensorProto.FLOAT
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts
+                 or n.op_type == "DequantizeLinear" and n.input[0] in {q.output[0] for q in qnodes if q not in act_q}]
+    for dq in weight_dq:
+        extra[dq.output[0]] = TensorProto.FLOAT
+    probe = path.with_name(path.stem + "-probe.onnx")
+    onnx.save(P.with_extra_outputs(proto, extra), str(probe))
+    sess = ort_session(probe, optimize=False)
+    x = P.image_batches(1, 2, P.SIZES[name], seed=9)[0]
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(names, {"input": x.numpy()})))
+    values["input"] = x.numpy()
+
+    # Teacher-forced: the same float input through the model's quantizer and through ORT's Q -> DQ.
+    total = differ = 0
+    for q in act_q:
+        s = consts[q.input[1]]
+        quantizer = by_scale[float(s)][0]
+        xin = torch.from_numpy(values[q.input[0]])
+        with torch.no_grad():
+            y = quantizer(xin)
+        ort_codes = values[q.output[0]].astype(np.int32)
+        codes = np.rint(y.numpy() / s).astype(np.int32)
+        d = np.abs(codes - ort_codes)
+        assert int(d.max()) <= 1, f"{q.name}: fake quant and ORT codes differ by {int(d.max())}"
+        total += d.size
+        differ += int((d > 0).sum())
+        same = d == 0
+        for dq in consumers[q.output[0]]:
+            got = y.numpy()[same]
+            assert np.array_equal(got.view(np.int32), values[dq.output[0]][same].view(np.int32)), \
+                f"{dq.name}: fake quant values differ from ORT's DequantizeLinear where the codes agree"
+    assert differ <= 1e-4 * total, f"{differ} of {total} codes differ"
+    # Weights: each weight DequantizeLinear equals the weight quantizer applied to the float weight.
+    weights_checked = 0
+    for dq in weight_dq:
+        scale = consts[dq.input[1]]
+        wname = weight_scales.get(scale.tobytes()) if scale.size > 1 else None
+        if wname is None:
+            continue
+        wq = trtquant.quantizers(model)[wname]
+        module = model.get_submodule(wname.rsplit(".", 1)[0])
+        with torch.no_grad():
+            ref_w = wq(module.weight.detach())
+        got_w = values[dq.output[0]]
+        if got_w.shape != tuple(ref_w.shape):
+            continue
+        assert np.array_equal(got_w, ref_w.numpy()), f"{dq.name}: weight DQ differs from {wname}"
+        weights_checked += 1
+    assert weights_checked >= 1
+
+    # End to end, next to the chaos floor.
+    out = torch.from_numpy(values[proto.graph.output[0].name])
     with torch.no_grad():
-        ref = P.calibrated(name, method)(x)
-    assert out.shape == tuple(ref.shape)
-    assert np.isfinite(out).all()
+        ref = model(x)
+        floor = [P.relative_l2(model(P.with_relative_noise(x, 1e-6, seed=s)), ref) for s in (0, 1, 2)]
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    e2e = P.relative_l2(out, ref)
+    bound = max(E2E_FLOOR_FACTOR * max(floor), E2E_MIN_BOUND)
+    print(f"\n{name}/{exporter}/{method}: teacher-forced {len(act_q)} activation Q nodes, {total} codes, {differ} "
+          f"differ; {weights_checked} weight DQs equal; end to end ORT vs fake quant rel L2 {e2e:.3e}, chaos floor "
+          f"(1e-6 input noise) {[f'{v:.3e}' for v in floor]}, bound {bound:.3e}")
+    assert e2e <= bound, f"ORT vs fake quant rel L2 {e2e:.3e} > {bound:.3e} (chaos floor {floor})"
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ from trtquant import functional as F
 from trtquant import tensor_quant as tq
 from trtquant.functional import amax_to_scale, fake_quant, quant_bounds, quantize
 
+import _qref as R
+
 N_BIG = 10_000_000
 
 
@@ -130,6 +132,30 @@ def _check_coverage(x, tie, u, scale, y_ref, q_ref, qmin, qmax) -> None:
     assert int(((x.abs() > scale * qmax) & torch.isfinite(x)).sum()) > 1_000_000
 
 
+class _Calls:
+    count = 0
+    wrapped = 0
+
+
+def _count_compiled_kernel_calls(monkeypatch, name: str) -> _Calls:
+    """Wrap every compiled kernel ``name`` in the fused-kernel cache with a call counter (for this test)."""
+    calls = _Calls()
+    refs = (F._qdq_reference, F._ste_reference)
+    for key, fn in list(F.KERNELS.cache.items()):
+        if key[0] == name and fn not in refs:
+            def counted(*args, _fn=fn):
+                calls.count += 1
+                return _fn(*args)
+            monkeypatch.setitem(F.KERNELS.cache, key, counted)
+            calls.wrapped += 1
+    return calls
+
+
+def _kernel_cache_state() -> dict:
+    refs = (F._qdq_reference, F._ste_reference)
+    return {str(k[:2]): ("reference (compile failed)" if v in refs else "compiled") for k, v in F.KERNELS.cache.items()}
+
+
 @pytest.fixture(scope="module")
 def per_tensor_case():
     gen = torch.Generator().manual_seed(1234)
@@ -138,6 +164,48 @@ def per_tensor_case():
     x, tie, u = _make_values((N_BIG,), scale, gen)
     q_ref, y_ref = _ort_qdq(x, scale)
     return amax, scale, x, tie, u, q_ref, y_ref
+
+
+# --------------------------------------------------------------------------------------------------
+# closed form, by hand: independent of trtquant (and of the ORT sessions below, whose scale comes from it)
+# --------------------------------------------------------------------------------------------------
+def test_hand_chosen_values_closed_form():
+    """amax 127/16 -> scale exactly 1/16: ties round half to even, saturation at 127 and -128, +0.0 for code 0."""
+    x = torch.tensor(R.HAND_X)
+    assert float(amax_to_scale(torch.tensor(R.AMAX_SIXTEENTH), 127)) == R.SCALE_SIXTEENTH
+    assert quant_bounds(8) == (-128, 127, 127) and quant_bounds(8, narrow_range=True) == (-127, 127, 127)
+    expected = torch.tensor(R.HAND_CODES, dtype=torch.float32) * R.SCALE_SIXTEENTH
+    y = fake_quant(x, torch.tensor(R.AMAX_SIXTEENTH))
+    assert y.tolist() == expected.tolist(), list(zip(R.HAND_X, y.tolist(), expected.tolist()))
+    assert not bool(torch.signbit(y[y == 0]).any())  # -0.03125 and -0.0 dequantize to +0.0
+    assert fake_quant(x, R.AMAX_SIXTEENTH).tolist() == expected.tolist()  # Python float amax
+    narrow = fake_quant(x, torch.tensor(R.AMAX_SIXTEENTH), narrow_range=True)
+    assert narrow.tolist() == (torch.tensor(R.HAND_CODES_NARROW) * R.SCALE_SIXTEENTH).tolist()
+    codes, scale = quantize(x, torch.tensor(R.AMAX_SIXTEENTH))
+    assert codes.tolist() == [float(c) for c in R.HAND_CODES] and float(scale) == R.SCALE_SIXTEENTH
+    # Unsigned: amax 255/16 -> scale 1/16, codes clipped to [0, 255]: 0, 0, 0, 2, 254, 255 (255.5 -> 256), 255.
+    u = torch.tensor([-1.0, -0.03125, 0.03125, 0.09375, 15.90625, 15.96875, 40.0])
+    assert fake_quant(u, torch.tensor(15.9375), unsigned=True).tolist() == [
+        0.0, 0.0, 0.0, 0.125, 15.875, 15.9375, 15.9375]
+    # The numpy reference agrees with the hand-written codes (so tests using it inherit their meaning).
+    assert R.codes(x, R.AMAX_SIXTEENTH).tolist() == [float(c) for c in R.HAND_CODES]
+
+
+def test_random_values_match_numpy_reference_per_tensor_and_per_channel():
+    """scale = float32(amax) / 127 and round half to even from numpy, on non-power-of-two scales."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 500, generator=gen) * 3
+    amax = torch.tensor(2.3717)
+    y = fake_quant(x, amax)
+    assert torch.equal(y, R.fake_quant(x, amax))
+    # Within half a step of x inside the range.
+    s = float(R.scale_of(amax))
+    inside = x.abs() <= 127 * s
+    assert float((y - x)[inside].abs().max()) <= s / 2 * (1 + 1e-6)
+    amax_c = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 0.0]).reshape(6, 1)  # a dead channel: scale 1
+    yc = fake_quant(x, amax_c)
+    assert torch.equal(yc, R.fake_quant(x, amax_c))
+    assert torch.equal(yc[5], torch.clamp(torch.round(x[5]), -128, 127) + 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,11 +226,18 @@ def test_per_tensor_matches_onnxruntime_bit_for_bit(per_tensor_case, fused, monk
     amax, scale, x, tie, u, q_ref, y_ref = per_tensor_case
     assert x.numel() >= 10_000_000
     _check_coverage(x, tie, u, scale, y_ref, q_ref, -128, 127)
-    if not fused:
-        monkeypatch.setattr(F, "_fuse_enabled", False)
+    # Independent of trtquant's scale: the case's scale is float32(amax) / 127.
+    assert float(scale) == float(np.float32(amax.numpy()) / np.float32(127))
+    monkeypatch.setattr(F.KERNELS, "enabled", fused)  # forced either way, whatever TRTQUANT_FUSED_KERNELS says
+    if fused:
+        # Compile (or find) the kernel for this signature on a slice, then count its uses on the full tensor:
+        # a failed compile falls back to the unfused reference with only a log line, which must not pass here.
+        fake_quant(x[: 1 << 17], amax)
+        calls = _count_compiled_kernel_calls(monkeypatch, "qdq")
+        assert calls.wrapped, f"no compiled qdq kernel in the cache: {_kernel_cache_state()}"
     _assert_bits_equal(fake_quant(x, amax), y_ref, x)
-    if fused and not F._fuse_enabled:
-        pytest.skip("the fused (torch.compile) kernel is unavailable here; the unfused path was checked instead")
+    if fused:
+        assert calls.count == 1, f"the compiled qdq kernel ran {calls.count} times: {_kernel_cache_state()}"
     # Negative zero and values in (-scale/2, 0) dequantize to +0.0, as the integer code 0 does.
     y = fake_quant(x[:100_000], amax)
     assert not bool(torch.signbit(y[y == 0]).any())
@@ -249,27 +324,41 @@ def test_narrow_range_matches_numpy():
     assert float(fake_quant(x, amax).min()) == float(np.float32(-128) * sn)
 
 
-def test_torch_native_fake_quant_differs_from_onnxruntime(per_tensor_case):
-    """Why trtquant does not call torch.fake_quantize_per_tensor_affine: it multiplies by 1/scale."""
-    amax, scale, x, tie, u, q_ref, y_ref = per_tensor_case
-    finite = torch.isfinite(x)
-    native = torch.fake_quantize_per_tensor_affine(x[finite], float(scale), 0, -128, 127)
-    n_diff = int((native != y_ref[finite]).sum())
-    ours_diff = int((fake_quant(x[finite], amax) != y_ref[finite]).sum())
-    assert ours_diff == 0
-    if n_diff == 0:
-        pytest.skip(f"torch's native fake quant agreed with ORT on all {int(finite.sum())} values this time (0 differ)")
-    assert n_diff > 0
+def test_torch_native_fake_quant_differs_from_onnxruntime():
+    """Why trtquant does not call torch.fake_quantize_per_tensor_affine: it multiplies by 1/scale.
+
+    The values are chosen where that matters: float32 x = (k + 0.5) * s and its two float neighbours,
+    kept where numpy says rint(x / s) != rint(x * (1 / s)). Deterministic: no skip.
+    """
+    s = np.float32(2.3717) / np.float32(127)
+    k = np.arange(-140, 140, dtype=np.float32)
+    base = ((k + np.float32(0.5)) * s).astype(np.float32)
+    cands = np.concatenate([base, np.nextafter(base, np.float32(np.inf)), np.nextafter(base, np.float32(-np.inf))])
+    by_div, by_mul = np.rint(cands / s), np.rint(cands * (np.float32(1) / s))
+    pick = (by_div != by_mul) & (np.abs(by_div) <= 127)
+    x = torch.from_numpy(cands[pick].astype(np.float32))
+    assert x.numel() >= 20, x.numel()
+    q_ref, y_ref = _ort_qdq(x, torch.tensor(s))
+    assert torch.equal(q_ref.float(), torch.from_numpy(np.clip(by_div[pick], -128, 127)))  # ORT divides
+    native = torch.fake_quantize_per_tensor_affine(x, float(s), 0, -128, 127)
+    n_diff = int((native != y_ref).sum())
+    assert n_diff >= x.numel() // 2, f"torch's native fake quant differs from ORT on only {n_diff} of {x.numel()}"
+    ours = fake_quant(x, torch.tensor(2.3717))
+    _assert_bits_equal(ours, y_ref, x)
 
 
 def test_fake_quant_other_dtypes_and_python_amax():
+    """Other dtypes are quantized in float32 and cast back; the expected values come from numpy."""
     x = torch.randn(1000) * 3
-    ref = fake_quant(x, torch.tensor(2.0))
+    ref = R.fake_quant(x, 2.0)  # scale float32(2) / 127, rint, clip to [-128, 127]
+    assert torch.equal(fake_quant(x, torch.tensor(2.0)), ref)
     assert torch.equal(fake_quant(x, 2.0), ref)
+    assert int((x.abs() > 2.0).sum()) > 100  # saturation is exercised
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
-        y = fake_quant(x.to(dtype), torch.tensor(2.0))
+        xd = x.to(dtype)
+        y = fake_quant(xd, torch.tensor(2.0))
         assert y.dtype == dtype
-        assert torch.equal(y, fake_quant(x.to(dtype).float(), torch.tensor(2.0)).to(dtype))
+        assert torch.equal(y, R.fake_quant(xd.float(), 2.0).to(dtype)), dtype
 
 
 @pytest.mark.gpu

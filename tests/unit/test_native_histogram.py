@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
+from trtquant import settings
 from trtquant.calib import _native
+from trtquant.calib import histogram as _histogram
 from trtquant.calib.histogram import HistogramCalibrator
 
 needs_kernel = pytest.mark.skipif(_native.load() is None, reason="no C compiler: the torch.histc path is used")
@@ -60,14 +62,36 @@ def test_edges_nonfinite_and_accumulation() -> None:
     assert torch.equal(counts, 2 * expected)
 
 
+def _count_paths(monkeypatch) -> dict:
+    """Count calls of the compiled kernel and of the torch.histc path (from now on, in this test)."""
+    calls = {"native": 0, "histc": 0}
+    kernel, histc = _native.abs_histogram, _histogram._histc_counts
+
+    def counted_kernel(*a, **k):
+        calls["native"] += 1
+        return kernel(*a, **k)
+
+    def counted_histc(*a, **k):
+        calls["histc"] += 1
+        return histc(*a, **k)
+
+    monkeypatch.setattr(_native, "abs_histogram", counted_kernel)
+    monkeypatch.setattr(_histogram, "_histc_counts", counted_histc)
+    return calls
+
+
 def _both_paths(monkeypatch, batches, **kw):
+    """The same batches through the compiled kernel and through torch.histc; asserts which path each took."""
+    calls = _count_paths(monkeypatch)
     native = HistogramCalibrator(**kw)
     for b in batches:
         native.collect(b)
+    assert calls["native"] >= len(batches) and calls["histc"] == 0, calls
     monkeypatch.setattr(_native, "load", lambda: None)
     fallback = HistogramCalibrator(**kw)
     for b in batches:
         fallback.collect(b)
+    assert calls["histc"] >= len(batches), calls
     monkeypatch.undo()
     return native, fallback
 
@@ -113,9 +137,13 @@ def test_falls_back_without_a_compiler(monkeypatch, caplog) -> None:
     monkeypatch.setattr(_native, "_tried", False)
     monkeypatch.setattr(_native, "_compiler", lambda: None)
     assert _native.load() is None
-    cal = HistogramCalibrator()
+    calls = _count_paths(monkeypatch)
+    cal = HistogramCalibrator(num_bins=16)
     cal.collect(torch.arange(10.0))
-    assert int(cal._hist.sum()) == 10  # the torch.histc path
+    assert calls == {"native": 0, "histc": 1}  # the torch.histc path ran, the kernel did not
+    # max 9 -> range 16, bin width 1: one value in each of bins 0..9.
+    assert float(cal._range) == 16.0
+    assert cal._hist.tolist() == [1] * 10 + [0] * 6
 
 
 def test_build_failure_warns_and_falls_back(monkeypatch, tmp_path, caplog) -> None:
@@ -123,6 +151,7 @@ def test_build_failure_warns_and_falls_back(monkeypatch, tmp_path, caplog) -> No
         raise RuntimeError("cc: error: something is wrong")
 
     monkeypatch.setenv("TRTQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(settings, "_current", None)  # settings are read once: read the patched environment
     monkeypatch.setattr(_native, "_lib", None)
     monkeypatch.setattr(_native, "_tried", False)
     monkeypatch.setattr(_native, "_compiler", lambda: "/usr/bin/cc")
@@ -134,6 +163,7 @@ def test_build_failure_warns_and_falls_back(monkeypatch, tmp_path, caplog) -> No
 
 def test_disabled_by_environment(monkeypatch) -> None:
     monkeypatch.setenv("TRTQUANT_NATIVE_HISTOGRAM", "0")
+    monkeypatch.setattr(settings, "_current", None)  # settings are read once: read the patched environment
     monkeypatch.setattr(_native, "_lib", None)
     monkeypatch.setattr(_native, "_tried", False)
     assert _native.load() is None

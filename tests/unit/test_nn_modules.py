@@ -12,6 +12,8 @@ from trtquant import QuantDescriptor
 from trtquant.calib.max import reduce_amax
 from trtquant.functional import fake_quant
 
+import _qref as R
+
 # (quant class, float class, ctor args, input shape, weight channel axis, functional forward)
 WEIGHTED = [
     (qnn.QuantConv1d, nn.Conv1d, (3, 4, 3), (2, 3, 16), 0, F.conv1d),
@@ -31,8 +33,9 @@ def _set_amax(layer, x):
 
 
 def _reference(layer, fn, x):
-    xq = fake_quant(x, layer.input_quantizer.amax)
-    wq = fake_quant(layer.weight, layer.weight_quantizer.amax)
+    """The layer's float op on inputs and weights quantized by the numpy reference (not by trtquant)."""
+    xq = R.fake_quant(x, layer.input_quantizer.amax)
+    wq = R.fake_quant(layer.weight, layer.weight_quantizer.amax)
     if fn is F.linear:
         return fn(xq, wq, layer.bias)
     if layer.transposed:
@@ -85,6 +88,25 @@ def test_conv_groups_dilation_stride_padding():
     assert torch.equal(layer(x), _reference(layer, F.conv2d, x))
 
 
+def test_linear_closed_form_by_hand():
+    """A QuantLinear whose every number is written down: scales 1/16 (input) and 1/8, 1/4 (weight rows)."""
+    layer = qnn.QuantLinear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.3, -15.9, 1.0], [0.4, 0.2, -40.0]]))
+        layer.bias.copy_(torch.tensor([0.5, -0.25]))
+    layer.input_quantizer.amax = R.AMAX_SIXTEENTH  # scale 1/16
+    layer.weight_quantizer.amax = torch.tensor([[127 / 8], [127 / 4]])  # scales 1/8 and 1/4 per row
+    x = torch.tensor([[0.09375, -3.0, 100.0]])  # codes 2 (tie 1.5 -> 2), -48, 127 (saturated)
+    # weight codes: row 0: 0.3*8=2.4 -> 2, -127.2 -> -127, 8; row 1: 0.4*4=1.6 -> 2, 0.8 -> 1, -160 -> -128
+    xq = [2 / 16, -48 / 16, 127 / 16]
+    wq = [[2 / 8, -127 / 8, 8 / 8], [2 / 4, 1 / 4, -128 / 4]]
+    expected = [sum(a * b for a, b in zip(xq, row)) + bias for row, bias in zip(wq, (0.5, -0.25))]
+    out = layer(x)
+    assert out.shape == (1, 2)
+    assert torch.allclose(out[0].double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-5), (out, expected)
+    assert layer.quant_weight().tolist() == wq
+
+
 def test_conv_transpose_output_size():
     layer = qnn.QuantConvTranspose2d(3, 4, 3, stride=2, padding=1)
     float_layer = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1)
@@ -115,7 +137,7 @@ def test_pools(qcls, fcls, args, shape):
     assert isinstance(pool, fcls) and not hasattr(pool, "weight_quantizer")
     x = torch.randn(shape)
     pool.input_quantizer.amax = 1.5
-    assert torch.equal(pool(x), fcls(*args)(fake_quant(x, torch.tensor(1.5))))
+    assert torch.equal(pool(x), fcls(*args)(R.fake_quant(x, 1.5)))
     pool.input_quantizer.disable()
     assert torch.equal(pool(x), fcls(*args)(x))
     q2 = qcls.from_float(fcls(*args), QuantDescriptor(unsigned=True))
@@ -165,14 +187,14 @@ def test_weight_cache_reuses_and_invalidates():
         y1 = layer(x)
         layer.weight.mul_(0.5)  # in-place change: version counter moves
         w2 = layer.quant_weight()
-        assert w2 is not w1 and torch.equal(w2, fake_quant(layer.weight, layer.weight_quantizer.amax))
+        assert w2 is not w1 and torch.equal(w2, R.fake_quant(layer.weight, layer.weight_quantizer.amax))
         assert not torch.equal(layer(x), y1)
         layer.weight_quantizer.amax = layer.weight_quantizer.amax * 0.5
-        assert torch.equal(layer.quant_weight(), fake_quant(layer.weight, layer.weight_quantizer.amax))
+        assert torch.equal(layer.quant_weight(), R.fake_quant(layer.weight, layer.weight_quantizer.amax))
         sd = {k: v.clone() for k, v in layer.state_dict().items()}
         sd["weight"] = sd["weight"] * 3
         layer.load_state_dict(sd)
-        assert torch.equal(layer.quant_weight(), fake_quant(sd["weight"], layer.weight_quantizer.amax))
+        assert torch.equal(layer.quant_weight(), R.fake_quant(sd["weight"], layer.weight_quantizer.amax))
         layer.weight_quantizer.disable()
         assert layer.quant_weight() is layer.weight
 
@@ -191,6 +213,8 @@ def test_training_gradient_is_straight_through():
     ref = F.conv2d(fake_quant(xr2, torch.tensor(1.0)), fake_quant(w, layer.weight_quantizer.amax), layer.bias.detach())
     ref.backward(g)
     assert torch.equal(out, ref)
+    assert torch.equal(out.detach(), F.conv2d(R.fake_quant(x, 1.0), R.fake_quant(w.detach(), layer.weight_quantizer.amax),
+                                              layer.bias.detach()))
     assert torch.equal(layer.weight.grad, w.grad)
     assert torch.equal(xr.grad, xr2.grad)
     assert int((xr.grad == 0).sum()) > 0 and bool((xr.grad[x.abs() > 1.0] == 0).all())

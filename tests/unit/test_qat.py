@@ -19,6 +19,8 @@ from trtquant.qat import (
 )
 from trtquant.states import get_state, set_state
 
+import _qref as R
+
 
 class ConvNet(nn.Module):
     def __init__(self):
@@ -133,20 +135,66 @@ def test_freeze_bn_stats_survives_train_and_unfreezes():
     assert not torch.equal(m.bn.running_mean, mean)
 
 
+QUANTIZERS = {"conv.input_quantizer", "conv.weight_quantizer", "fc.input_quantizer", "fc.weight_quantizer"}
+
+
+def _reference_forward(m: ConvNet, x: torch.Tensor) -> torch.Tensor:
+    """ConvNet's eval forward with every quantizer replaced by the numpy reference (trtquant's amax only)."""
+    qs = trtquant.quantizers(m)
+    assert {n for n, q in qs.items() if q.is_enabled and q._if_quant} == QUANTIZERS
+
+    def amax(name):
+        return qs[name].amax.detach()
+
+    h = F.conv2d(R.fake_quant(x, amax("conv.input_quantizer")),
+                 R.fake_quant(m.conv.weight.detach(), amax("conv.weight_quantizer")), None, padding=1)
+    h = F.batch_norm(h, m.bn.running_mean, m.bn.running_var, m.bn.weight.detach(), m.bn.bias.detach(), False, 0.0,
+                     m.bn.eps)
+    h = torch.relu(h).mean(dim=(2, 3))
+    return F.linear(R.fake_quant(h, amax("fc.input_quantizer")),
+                    R.fake_quant(m.fc.weight.detach(), amax("fc.weight_quantizer")), m.fc.bias.detach())
+
+
 def test_qat_then_validate_roundtrip():
+    """QAT steps move the learned amax by exactly -lr * grad; the validated model then computes the quantized
+    network from the definition (numpy reference), and a fresh model loading the checkpoint computes the same."""
     m = _calibrated()
+    x_val = _data(1)[0]
+    with torch.no_grad():
+        assert torch.equal(m(x_val), _reference_forward(m, x_val))  # calibrated, before QAT
     prepare_qat(m, learn_amax=True)
     opt = torch.optim.SGD(amax_param_groups(m, lr=1e-2, amax_lr=1e-2))
+    amax0 = {n: q.amax.detach().clone() for n, q in trtquant.quantizers(m).items()}
     for x in _data(2, seed=5):
         loss = m(x).square().mean()
         opt.zero_grad()
         loss.backward()
+        a = m.fc.input_quantizer._amax
+        assert a.grad is not None and float(a.grad) != 0.0
+        before, grad = a.detach().clone(), a.grad.clone()
         opt.step()
+        assert torch.allclose(a.detach(), before - 1e-2 * grad, rtol=0, atol=1e-7)
+    amax1 = {n: q.amax.detach().clone() for n, q in trtquant.quantizers(m).items()}
+    assert amax1["fc.input_quantizer"] != amax0["fc.input_quantizer"]
+    assert torch.equal(amax1["conv.weight_quantizer"], amax0["conv.weight_quantizer"])  # weights: as calibrated
     m.eval()
     set_state(m, "validate")
     with torch.no_grad():
-        out = m(_data(1)[0])
-    assert torch.isfinite(out).all()
+        out = m(x_val)
+        ref = _reference_forward(m, x_val)
+    # Same float ops on the same quantized tensors: equal (allow float noise far below one fc-input step).
+    step = float(R.scale_of(amax1["fc.input_quantizer"]))
+    assert torch.allclose(out, ref, rtol=0, atol=1e-6), (float((out - ref).abs().max()), step)
+    float_m = copy.deepcopy(m)
+    set_state(float_m, "float")
+    with torch.no_grad():
+        assert float((float_m(x_val) - out).abs().max()) > 1e-4  # quantization does change the output
+
+    fresh = trtquant.quantize(ConvNet()).eval()
+    fresh.load_state_dict(m.state_dict())
+    set_state(fresh, "validate")
+    with torch.no_grad():
+        assert torch.equal(fresh(x_val), out)
 
 
 # -- DDP -------------------------------------------------------------------------------------------

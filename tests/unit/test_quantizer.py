@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ import trtquant
 from trtquant import CalibrationError, QuantDescriptor, QuantizerNotCalibratedError, TensorQuantizer
 from trtquant.functional import fake_quant
 
+import _qref as R
 from _models import SmallNet, images
 
 PHRASE = "run calibration or load a calibrated checkpoint"
@@ -38,7 +40,7 @@ def test_modes_pass_through():
     assert q(x) is x
     q.enable_quant()
     q.amax = 1.0
-    assert torch.equal(q(x), fake_quant(x, torch.tensor(1.0)))
+    assert torch.equal(q(x), R.fake_quant(x, 1.0))
     state = q.get_state()
     q.disable()
     q.disable_quant()
@@ -60,6 +62,38 @@ def test_uncalibrated_forward_names_quantizer_after_quantize():
     # An anonymous quantizer describes itself.
     with pytest.raises(QuantizerNotCalibratedError, match=r"TensorQuantizer\(8bit fake per-tensor amax=None\)"):
         TensorQuantizer()(torch.ones(2))
+
+
+def test_forward_closed_form_per_tensor_narrow_unsigned():
+    """The quantizer's output from the definition: hand-written codes at scale 1/16 (amax 127/16)."""
+    x = torch.tensor(R.HAND_X)
+    q = TensorQuantizer(QuantDescriptor(amax=R.AMAX_SIXTEENTH))
+    assert q(x).tolist() == [c * R.SCALE_SIXTEENTH for c in R.HAND_CODES]
+    narrow = TensorQuantizer(QuantDescriptor(amax=R.AMAX_SIXTEENTH, narrow_range=True))
+    assert narrow(x).tolist() == [c * R.SCALE_SIXTEENTH for c in R.HAND_CODES_NARROW]
+    unsigned = TensorQuantizer(QuantDescriptor(amax=255 / 16, unsigned=True))  # scale 1/16 again
+    assert unsigned(torch.tensor([-1.0, 0.09375, 15.96875, 40.0])).tolist() == [0.0, 0.125, 15.9375, 15.9375]
+    real = TensorQuantizer(QuantDescriptor(amax=R.AMAX_SIXTEENTH, fake_quant=False))
+    assert real(x).tolist() == [float(c) for c in R.HAND_CODES]
+    # export_constants: scale = float32(amax) / 127, zero point int8 0.
+    scale, zp, axis = q.export_constants()
+    assert float(scale) == R.SCALE_SIXTEENTH and zp.dtype == torch.int8 and int(zp) == 0 and axis == -1
+
+
+def test_forward_closed_form_per_channel_after_calibration():
+    """Calibrated per-channel amax = max |x| per channel; output = numpy's rint(x / (amax / 127)) * scale."""
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(4, 3, 5, 5, generator=g) * torch.tensor([0.5, 2.0, 7.0]).reshape(1, 3, 1, 1)]
+    q = _calibrated(QuantDescriptor(axis=1), data)
+    amax = data[0].abs().amax(dim=(0, 2, 3)).reshape(1, 3, 1, 1)
+    assert torch.equal(q.amax, amax)
+    x = data[0] * 1.3  # some values beyond amax: saturation
+    y = q(x)
+    assert torch.equal(y, R.fake_quant(x, amax))
+    step = torch.from_numpy(R.scale_of(amax))
+    assert bool(((y - x).abs() <= step / 2 * (1 + 1e-6) + (x.abs() - amax).clamp(min=0)).all())
+    scale, zp, axis = q.export_constants()
+    assert axis == 1 and scale.shape == (3,) and torch.equal(scale, torch.from_numpy(R.scale_of(amax)).flatten())
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf, -math.inf])
@@ -91,7 +125,7 @@ def test_fixed_amax_from_descriptor():
     assert q.amax.dtype == torch.float32 and float(q.amax) == 2.5
     assert torch.equal(q.state_dict()["_amax"], torch.tensor(2.5))
     x = torch.randn(100) * 3
-    assert torch.equal(q(x), fake_quant(x, torch.tensor(2.5)))
+    assert torch.equal(q(x), R.fake_quant(x, 2.5))
 
 
 def test_max_calibration_per_tensor_and_per_channel():
@@ -102,7 +136,7 @@ def test_max_calibration_per_tensor_and_per_channel():
     expected = torch.stack([d.abs().amax(dim=(0, 2, 3)) for d in data]).amax(0)
     assert qc.amax.shape == (1, 3, 1, 1) and torch.equal(qc.amax.flatten(), expected)
     x = data[0]
-    assert torch.equal(qc(x), fake_quant(x, qc.amax))
+    assert torch.equal(qc(x), R.fake_quant(x, qc.amax))
     scaled = _calibrated(QuantDescriptor(scale_amax=0.5), data)
     assert torch.equal(scaled.amax, q.amax * 0.5)
 
@@ -174,8 +208,17 @@ def test_learned_amax():
     assert q.learn_amax and isinstance(q._amax, torch.nn.Parameter)
     assert [n for n, _ in q.named_parameters()] == ["_amax"] and list(q.state_dict()) == ["_amax"]
     x = torch.randn(1000) * 2
-    q(x).sum().backward()
+    y = q(x)
+    assert torch.equal(y.detach(), R.fake_quant(x, 1.5))
+    y.sum().backward()
     assert q._amax.grad is not None and q._amax.grad.shape == () and float(q._amax.grad) != 0.0
+    # LSQ gradient in closed form: d y / d amax = (q - x/s) / 127 inside, q_clipped / 127 outside.
+    s = np.float32(1.5) / np.float32(127)
+    v = x.numpy().astype(np.float64) / float(s)
+    code = np.rint(v)
+    inside = (code >= -128) & (code <= 127)
+    expected = float(np.where(inside, code - v, np.clip(code, -128, 127)).sum() / 127)
+    assert math.isclose(float(q._amax.grad), expected, rel_tol=1e-3, abs_tol=1e-3), (float(q._amax.grad), expected)
     p = q._amax
     q.amax = 2.0
     assert q._amax is p and float(p.detach()) == 2.0
@@ -196,7 +239,7 @@ def test_real_quant_returns_codes_and_unsigned():
     assert codes.tolist() == [-128.0, -1.0, 2.0, 100.0, 127.0]
     u = TensorQuantizer(QuantDescriptor(unsigned=True, amax=2.55))
     y = u(torch.tensor([-1.0, 0.0, 0.5, 9.0]))
-    assert torch.equal(y, fake_quant(torch.tensor([-1.0, 0.0, 0.5, 9.0]), torch.tensor(2.55), unsigned=True))
+    assert torch.equal(y, R.fake_quant(torch.tensor([-1.0, 0.0, 0.5, 9.0]), 2.55, unsigned=True))
     assert float(y[0]) == 0.0 and not torch.signbit(y[0]) and float(y[-1]) == float(torch.tensor(2.55))
 
 

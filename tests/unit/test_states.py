@@ -13,6 +13,8 @@ import trtquant
 from trtquant.errors import QuantizerNotCalibratedError
 from trtquant.states import QuantStateError, QuantStateWarning, get_state, set_state
 
+import _qref as R
+
 
 class Net(nn.Module):
     """Conv-BN-ReLU, a residual block, a MaxPool (placement disables its quantizer), Linear."""
@@ -102,14 +104,38 @@ def test_float_disables_everything_and_validate_restores_exactly_the_previous_se
     assert _active(m) == before
 
 
+def _record_quantizers(m):
+    """Forward hooks on every quantizing quantizer: name -> (input, output) of its last call."""
+    seen, handles = {}, []
+    for name, q in trtquant.quantizers(m).items():
+        if q.is_enabled and q._if_quant:
+            handles.append(q.register_forward_hook(
+                lambda mod, args, out, name=name: seen.__setitem__(name, (args[0].detach(), out.detach()))))
+    return seen, handles
+
+
 def test_qat_state_trains_through_the_straight_through_estimator():
     m = _calibrated().train()
+    m.conv1.input_quantizer.amax = 0.5  # clip most of the input: the STE mask has both values
     set_state(m, "qat")
     assert get_state(m) == "qat"
-    loss = m(_data(1)[0]).square().mean()
+    x = _data(1)[0].requires_grad_()
+    seen, handles = _record_quantizers(m)
+    loss = m(x).square().mean()
+    for h in handles:
+        h.remove()
+    # Every quantizer computed the definition on what it was given (teacher-forced, layer by layer).
+    assert {"conv1.input_quantizer", "conv1.weight_quantizer", "fc.input_quantizer"} <= set(seen)
+    for name, (inp, out) in seen.items():
+        assert torch.equal(out, R.fake_quant(inp, trtquant.quantizers(m)[name].amax)), name
     loss.backward()
     assert m.conv1.weight.grad is not None and m.conv1.weight.grad.abs().sum() > 0
     assert m.fc.weight.grad.abs().sum() > 0
+    # Straight-through: the input gradient is exactly 0 where |x| > amax and (almost everywhere) not inside.
+    clipped = x.detach().abs() > 0.5
+    assert int(clipped.sum()) > 100 and int((~clipped).sum()) > 100
+    assert bool((x.grad[clipped] == 0).all())
+    assert float((x.grad[~clipped] != 0).float().mean()) > 0.9
 
 
 def test_get_state_infers_without_a_record():
