@@ -228,7 +228,7 @@ def test_per_tensor_matches_onnxruntime_bit_for_bit(per_tensor_case, fused, monk
     _check_coverage(x, tie, u, scale, y_ref, q_ref, -128, 127)
     # Independent of trtquant's scale: the case's scale is float32(amax) / 127.
     assert float(scale) == float(np.float32(amax.numpy()) / np.float32(127))
-    monkeypatch.setattr(F.KERNELS, "enabled", fused)  # forced either way, whatever TRTQUANT_FUSED_KERNELS says
+    monkeypatch.setattr(F.KERNELS, "_enabled", fused)  # forced either way, whatever TRTQUANT_FUSED_KERNELS says
     if fused:
         # Compile (or find) the kernel for this signature on a slice, then count its uses on the full tensor:
         # a failed compile falls back to the unfused reference with only a log line, which must not pass here.

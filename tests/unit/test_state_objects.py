@@ -229,6 +229,8 @@ def test_settings_read_the_environment_and_aliases(fresh_settings, tmp_path):
     from trtquant._io import cache_dir
     from trtquant.functional import KERNELS
 
+    # Follow the settings, whatever another test's monkeypatch of ``KERNELS.enabled`` restored.
+    mp.setattr(KERNELS, "_enabled", None)
     assert cache_dir() == tmp_path / "xdg" / "trtquant"
     assert KERNELS.enabled is False
 
