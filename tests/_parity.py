@@ -119,6 +119,22 @@ class _Constants(Mapping):
         return sum(1 for _ in self)
 
 
+def qdq_probe_outputs(model, qnodes) -> Tuple[Dict[str, int], Dict[str, list]]:
+    """Extra graph outputs that expose each QuantizeLinear's float input, its int8 codes and the outputs
+    of its DequantizeLinear consumers (for :func:`with_extra_outputs`), and those consumers per Q output."""
+    from onnx import TensorProto
+
+    g = index(model)
+    consumers = {q.output[0]: [n for _, _, n in g.consumer_nodes(q.output[0])] for q in qnodes}
+    extra: Dict[str, int] = {}
+    for q in qnodes:
+        extra[q.input[0]] = TensorProto.FLOAT
+        extra[q.output[0]] = TensorProto.INT8
+        for dq in consumers[q.output[0]]:
+            extra[dq.output[0]] = TensorProto.FLOAT
+    return extra, consumers
+
+
 def constants(model) -> Mapping[str, np.ndarray]:
     """Constant tensors by name (initializers, Constant-node outputs, constants through passthrough ops)."""
     return _Constants(index(model))

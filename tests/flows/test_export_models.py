@@ -111,12 +111,7 @@ def _check_numeric_parity(name, exporter, method, path, proto) -> None:
     assert not missing, f"{len(missing)} quantizer scales not in the graph, e.g. {missing[:3]}"
 
     # ORT once, with every activation Q's float input, its codes, and its DQ outputs as extra outputs.
-    extra = {}
-    for q in act_q:
-        extra[q.input[0]] = TensorProto.FLOAT
-        extra[q.output[0]] = TensorProto.INT8
-        for dq in consumers[q.output[0]]:
-            extra[dq.output[0]] = TensorProto.FLOAT
+    extra, _ = P.qdq_probe_outputs(proto, act_q)
     weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts
                  or n.op_type == "DequantizeLinear" and n.input[0] in {q.output[0] for q in qnodes if q not in act_q}]
     for dq in weight_dq:

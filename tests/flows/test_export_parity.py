@@ -26,7 +26,6 @@ pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto  # noqa: E402
 
 import trtquant  # noqa: E402
 from trtquant.export.compare import compare, ort_session  # noqa: E402
@@ -40,14 +39,7 @@ def _probe(path, tmp_path):
     """Run ORT once on 8 images, returning every activation Q node with its float input, codes and DQ output."""
     proto = onnx.load(str(path))
     qnodes = P.activation_quantize_nodes(proto)
-    graph = P.index(proto)
-    consumers = {q.output[0]: [n for _, _, n in graph.consumer_nodes(q.output[0])] for q in qnodes}
-    extra = {}
-    for q in qnodes:
-        extra[q.input[0]] = TensorProto.FLOAT
-        extra[q.output[0]] = TensorProto.INT8
-        for dq in consumers[q.output[0]]:
-            extra[dq.output[0]] = TensorProto.FLOAT
+    extra, consumers = P.qdq_probe_outputs(proto, qnodes)
     probe = tmp_path / "probe.onnx"
     onnx.save(P.with_extra_outputs(proto, extra), str(probe))
     sess = ort_session(probe, optimize=False)
