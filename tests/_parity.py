@@ -135,6 +135,21 @@ def qdq_probe_outputs(model, qnodes) -> Tuple[Dict[str, int], Dict[str, list]]:
     return extra, consumers
 
 
+def probe_values(model, extra: Dict[str, int], probe_path, x: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Run ``model`` with ``extra`` exposed as outputs (ONNX Runtime, optimisations off) on ``x``:
+    every output by name, plus ``"input"``."""
+    import onnx
+
+    from trtquant.export.compare import ort_session
+
+    onnx.save(with_extra_outputs(model, extra), str(probe_path))
+    sess = ort_session(probe_path, optimize=False)
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(names, {"input": x.numpy()})))
+    values["input"] = x.numpy()
+    return values
+
+
 def constants(model) -> Mapping[str, np.ndarray]:
     """Constant tensors by name (initializers, Constant-node outputs, constants through passthrough ops)."""
     return _Constants(index(model))

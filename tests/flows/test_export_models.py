@@ -30,7 +30,6 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto  # noqa: E402
 
 from trtquant.export.checker import check_onnx  # noqa: E402
-from trtquant.export.compare import ort_session  # noqa: E402
 
 import trtquant  # noqa: E402
 
@@ -116,13 +115,8 @@ def _check_numeric_parity(name, exporter, method, path, proto) -> None:
                  or n.op_type == "DequantizeLinear" and n.input[0] in {q.output[0] for q in qnodes if q not in act_q}]
     for dq in weight_dq:
         extra[dq.output[0]] = TensorProto.FLOAT
-    probe = path.with_name(path.stem + "-probe.onnx")
-    onnx.save(P.with_extra_outputs(proto, extra), str(probe))
-    sess = ort_session(probe, optimize=False)
     x = P.image_batches(1, 2, P.SIZES[name], seed=9)[0]
-    names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(names, {"input": x.numpy()})))
-    values["input"] = x.numpy()
+    values = P.probe_values(proto, extra, path.with_name(path.stem + "-probe.onnx"), x)
 
     # Teacher-forced: the same float input through the model's quantizer and through ORT's Q -> DQ.
     total = differ = 0

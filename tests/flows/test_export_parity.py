@@ -28,7 +28,7 @@ pytest.importorskip("onnxruntime")
 
 
 import trtquant  # noqa: E402
-from trtquant.export.compare import compare, ort_session  # noqa: E402
+from trtquant.export.compare import compare  # noqa: E402
 from trtquant.functional import amax_to_scale, fake_quant, quantize  # noqa: E402
 
 MODEL = "resnet18"
@@ -40,13 +40,8 @@ def _probe(path, tmp_path):
     proto = onnx.load(str(path))
     qnodes = P.activation_quantize_nodes(proto)
     extra, consumers = P.qdq_probe_outputs(proto, qnodes)
-    probe = tmp_path / "probe.onnx"
-    onnx.save(P.with_extra_outputs(proto, extra), str(probe))
-    sess = ort_session(probe, optimize=False)
     x = P.image_batches(1, 8, P.SIZES[MODEL], seed=7)[0]
-    names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(names, {"input": x.numpy()})))
-    values["input"] = x.numpy()
+    values = P.probe_values(proto, extra, tmp_path / "probe.onnx", x)
     return proto, qnodes, consumers, values
 
 
