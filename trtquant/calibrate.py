@@ -20,7 +20,7 @@ from .calib.base import Calibrator
 from .calib.max import MaxCalibrator
 from .convert import name_quantizers
 from .errors import CalibrationError
-from .quantizer import TensorQuantizer, end_shared_observations
+from .quantizer import ZERO_AMAX, TensorQuantizer, end_shared_observations
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,32 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def takes_image_list(model: nn.Module) -> bool:
+    """True for models whose forward takes a list of [C, H, W] images (torchvision detection models).
+
+    Their calibration batches are such lists, which :func:`run_batch` must not read as (inputs, labels).
+    """
+    if getattr(model, "takes_image_list", False):
+        return True
+    try:
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    except ImportError:  # torchvision is optional
+        return False
+    return isinstance(getattr(model, "transform", None), GeneralizedRCNNTransform)
+
+
+def _is_image_list(batch: Any) -> bool:
+    return isinstance(batch, (list, tuple)) and len(batch) > 0 \
+        and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in batch)
+
+
 def run_batch(model: nn.Module, batch: Any) -> Any:
-    """Call the model on one batch: a tensor, a dict of kwargs, or an (inputs, labels) tuple/list."""
+    """Call the model on one batch: a tensor, a dict of kwargs, or an (inputs, labels) tuple/list.
+
+    For a model that takes a list of images (:func:`takes_image_list`: torchvision Faster R-CNN,
+    RetinaNet, FCOS, SSD), a list of [C, H, W] tensors is one batch of images and is fed whole; an
+    (images, targets) pair feeds its images.
+    """
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, dict):
@@ -141,6 +165,8 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise ValueError("empty batch")
+        if _is_image_list(batch) and takes_image_list(model):
+            return model(list(batch))
         # DataLoader convention (inputs, labels): feed the first element only.
         return model(batch[0])
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__}: use tensors, tuples, dicts or forward_loop")
@@ -246,12 +272,18 @@ def merge_across_ranks(qs: Dict[str, TensorQuantizer], group: Any = None) -> Non
         cal.all_reduce_(group)
 
 
-def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = True, **method_kwargs: Any) -> None:
-    """Set amax of every collected quantizer: histogram ones by ``method``, max ones by max."""
+def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = False, **method_kwargs: Any) -> None:
+    """Set amax of every collected quantizer: histogram ones by ``method``, max ones by max.
+
+    Quantizers that saw no data are disabled (their layer runs in float) with one warning listing
+    them, or, with ``strict=True``, a CalibrationError names them. Quantizers that saw only zeros
+    (zero-initialized layers) get amax :data:`~trtquant.quantizer.ZERO_AMAX`, with one warning.
+    """
     name_quantizers(model)
     end_shared_observations(quantizers(model).values())
     empty: List[str] = []
     nonfinite: List[str] = []
+    zero: List[str] = []
     for name, q in quantizers(model).items():
         cal = q._calibrator
         if cal is None or not q.is_enabled:
@@ -262,10 +294,10 @@ def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = True,
         if cal.saw_nonfinite():
             nonfinite.append(name)
             continue
-        if isinstance(cal, MaxCalibrator):
-            q.load_calib_amax("max")
-        else:
-            q.load_calib_amax(method, **method_kwargs)
+        dead = q.apply_calib_amax("max" if isinstance(cal, MaxCalibrator) else method,
+                                  **({} if isinstance(cal, MaxCalibrator) else method_kwargs))
+        if dead:
+            zero.append(name if dead == "all values" else f"{name} ({dead})")
     if nonfinite:
         raise CalibrationError(
             f"NaN or inf activations reached {len(nonfinite)} quantizer(s): {', '.join(nonfinite)}; "
@@ -274,12 +306,29 @@ def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = True,
     if empty and strict:
         raise CalibrationError(
             f"{len(empty)} quantizer(s) saw no data during calibration: {', '.join(empty)}. Their layers never "
-            "ran on the calibration data (unused branch? wrong inputs?); disable them, or pass strict=False "
-            "to leave them uncalibrated"
+            "ran on the calibration data (unused branch? wrong inputs?); feed data that reaches them, or pass "
+            "strict=False to disable them (their layers then run in float)"
         )
-    for name in empty:
-        logger.warning("%s saw no data; amax left unset", name)
+    if empty:
+        disable_unseen(model, empty)
+    if zero:
+        logger.warning(
+            "%d quantizer(s) saw only zeros during calibration, amax set to %g there (any positive amax keeps "
+            "zeros exact): %s. Expected for zero-initialized layers (e.g. zero_init_residual); calibrate the "
+            "trained model for real ranges", len(zero), ZERO_AMAX, ", ".join(zero))
     share_group_amax(model)
+
+
+def disable_unseen(model: nn.Module, names: List[str]) -> None:
+    """Disable the named quantizers (they saw no data) with one warning: an uncalibrated quantizer
+    cannot quantize or export, a disabled one leaves its tensor in float."""
+    qs = quantizers(model)
+    for name in names:
+        qs[name].disable()
+    logger.warning(
+        "%d quantizer(s) saw no data during calibration and were disabled (their tensors stay float): %s. "
+        "Their layers never ran on the calibration data (unused branch? wrong inputs?); feed data that reaches "
+        "them, or pass strict=True to make this an error", len(names), ", ".join(names))
 
 
 def share_group_amax(model: nn.Module) -> None:
@@ -297,7 +346,7 @@ def share_group_amax(model: nn.Module) -> None:
 
 
 def calibrate(model: nn.Module, data: Data, num_batches: Optional[int] = None, method: str = "entropy",
-              progress: bool = True, strict: bool = True, ignore_nonfinite: bool = False,
+              progress: bool = True, strict: bool = False, ignore_nonfinite: bool = False,
               **method_kwargs: Any) -> nn.Module:
     """Calibrate every enabled quantizer of ``model`` and return it.
 
@@ -307,7 +356,9 @@ def calibrate(model: nn.Module, data: Data, num_batches: Optional[int] = None, m
         num_batches: stop after this many batches (None = all).
         method: amax method for histogram quantizers: entropy, mse, percentile or max
             (max-calibrated quantizers, e.g. weights, always use max).
-        strict: raise if any quantizer saw no data.
+        strict: raise a CalibrationError naming the quantizers that saw no data. By default
+            (False) they are disabled instead - their tensors stay float - with one warning
+            listing them (a detection model's unused branch must not stop calibration).
         ignore_nonfinite: skip NaN/inf activations instead of raising.
         method_kwargs: e.g. ``percentile=99.99``.
     """

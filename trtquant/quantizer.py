@@ -133,7 +133,8 @@ class SharedQuantResult:
 
 
 def validate_amax(amax: Tensor, where: str, per_channel: bool) -> None:
-    """amax must be finite and > 0 (a per-channel entry may be 0: a dead channel, scale 1.0 at export)."""
+    """amax must be finite and > 0. A per-channel entry may be 0 (a dead channel in a checkpoint of an
+    older trtquant; it exports as scale 1.0); calibration itself stores :data:`ZERO_AMAX` there."""
     a = amax.detach()
     if not torch.isfinite(a).all():
         raise ValueError(f"{where}: amax contains NaN or inf ({_summary(a)}); amax must be finite and > 0")
@@ -142,6 +143,31 @@ def validate_amax(amax: Tensor, where: str, per_channel: bool) -> None:
             raise ValueError(f"{where}: per-channel amax must be >= 0 with at least one channel > 0 ({_summary(a)})")
     elif (a <= 0).any():
         raise ValueError(f"{where}: amax={_summary(a)} is invalid; amax must be > 0")
+
+
+#: amax given to a tensor (or a channel of one) that was exactly zero on every calibration batch.
+#: Any positive amax quantizes zeros to code 0, which dequantizes to exactly 0, so the value never
+#: changes the output on the calibration data; 1.0 is chosen because its scale (1/127 for int8) is a
+#: normal number in fp16 and bf16 (a tiny floor would flush to scale 0 in an fp16 export, the invalid
+#: scale this avoids), and because it leaves QAT a straight-through window of [-1, 1] in which a
+#: zero-initialized layer can still learn (a tiny amax would clip every gradient and freeze it at 0).
+ZERO_AMAX = 1.0
+
+
+def floor_zero_amax(amax: Tensor) -> tuple[Tensor, str]:
+    """Replace amax entries <= 0 (tensors or channels that were all zeros) with :data:`ZERO_AMAX`.
+
+    Returns the new amax and a description of what was replaced: "" when nothing, "all values" for a
+    per-tensor amax or when every channel was zero, else "k of C channels".
+    """
+    dead = amax <= 0  # -0.0 too; NaN is left for validate_amax to reject
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return amax, ""
+    floored = torch.where(dead, torch.full_like(amax, ZERO_AMAX), amax)
+    if n_dead == amax.numel():
+        return floored, "all values"
+    return floored, f"{n_dead} of {amax.numel()} channels"
 
 
 def _summary(a: Tensor) -> str:
@@ -299,7 +325,20 @@ class TensorQuantizer(nn.Module):
             self._amax = nn.Parameter(value.clone())
 
     def load_calib_amax(self, method: str = "max", strict: bool = True, **kwargs: Any) -> None:
-        """Compute amax from the collected statistics (``method``: max, percentile, mse, entropy)."""
+        """Compute amax from the collected statistics (``method``: max, percentile, mse, entropy).
+
+        Entries that saw only zeros get :data:`ZERO_AMAX` (see :func:`floor_zero_amax`) and one warning.
+        """
+        dead = self.apply_calib_amax(method, strict, **kwargs)
+        if dead:
+            logger.warning("%s saw only zeros during calibration (%s); amax set to %g there",
+                           self._label(), dead, ZERO_AMAX)
+
+    def apply_calib_amax(self, method: str = "max", strict: bool = True, **kwargs: Any) -> str:
+        """:meth:`load_calib_amax` without the warning: returns what saw only zeros ("" if nothing).
+
+        ``calibrate`` uses it to report every zero layer of a model in one warning.
+        """
         if self._calibrator is None:
             raise CalibrationError(f"{self._label()} has no calibrator")
         self.resolve_shared_observation()
@@ -319,15 +358,12 @@ class TensorQuantizer(nn.Module):
                     "(check the data reaches it) or pass strict=False to leave it uncalibrated"
                 )
             logger.warning("%s collected no data; amax left unset", self._label())
-            return
+            return ""
         if self.quant_desc.scale_amax is not None:
             amax = amax * self.quant_desc.scale_amax
-        if self.quant_desc.per_channel:
-            amax = amax.clamp_min(0)
-        elif not float(amax) > 0:
-            # An all-zero tensor: any positive amax represents it exactly.
-            amax = torch.ones_like(amax)
+        amax, dead = floor_zero_amax(amax)
         self.amax = amax
+        return dead
 
     # -- forward --------------------------------------------------------------------------------
     def _share_key(self, amax: Tensor, x: Tensor) -> Optional[tuple]:

@@ -65,21 +65,26 @@ def test_progress_off_is_silent_and_on_shows_a_bar(capfd):
     assert "calibrate" in err
 
 
-def test_quantizers_without_data_are_all_listed():
+def test_quantizers_without_data_are_all_listed(caplog):
     model = trtquant.quantize(WithUnusedBranch())
     with pytest.raises(CalibrationError) as info:
-        trtquant.calibrate(model, images(1, 2), method="max", progress=False)
+        trtquant.calibrate(model, images(1, 2), method="max", progress=False, strict=True)
     msg = str(info.value)
     missing = ["unused.input_quantizer", "unused.weight_quantizer", "unused_fc.input_quantizer",
                "unused_fc.weight_quantizer"]
     assert msg.startswith("4 quantizer(s) saw no data")
     assert msg.split(": ", 1)[1].split(". ")[0].split(", ") == missing
     assert "strict=False" in msg
-    # strict=False: the rest is calibrated, those stay unset.
+    # The default (strict=False): the rest is calibrated, those are disabled, one warning lists them.
     model = trtquant.quantize(WithUnusedBranch())
-    trtquant.calibrate(model, images(1, 2), method="max", progress=False, strict=False)
-    amax = _amax(model)
-    assert [n for n, a in amax.items() if a is None] == missing
+    with caplog.at_level("WARNING", logger="trtquant.calibrate"):
+        trtquant.calibrate(model, images(1, 2), method="max", progress=False)
+    qs = trtquant.quantizers(model)
+    assert [n for n, q in qs.items() if q.amax is None] == missing
+    assert [n for n, q in qs.items() if not q.is_enabled and n in missing] == missing
+    assert all(a is not None for a in _amax(model).values())
+    warned = [r.getMessage() for r in caplog.records if "saw no data" in r.getMessage()]
+    assert len(warned) == 1 and all(n in warned[0] for n in missing)
 
 
 def test_misspelt_method_fails_before_any_data():

@@ -195,7 +195,12 @@ class HistogramCalibrator(Calibrator):
         if h is None:
             return None
         hist, edges = h
-        fn = get_method(method)
+        fn = get_method(method)  # an unknown method fails even on an all-zero histogram
+        if bool(self._range <= _TINY):
+            # Every |x| seen was <= 2^-100: zeros (a zero-initialized layer). The bins would give a
+            # meaningless amax of ~1e-34 (scale 0 in fp16); 0 says "all zeros" and the quantizer
+            # replaces it with its ZERO_AMAX floor, as for a max-calibrated zero tensor.
+            return torch.zeros((), dtype=torch.float32, device=hist.device)
         if method in ("mse", "entropy"):
             kwargs.setdefault("num_bits", self._num_bits)
             kwargs.setdefault("unsigned", self._unsigned)
