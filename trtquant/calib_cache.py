@@ -65,9 +65,10 @@ def save_calibration(model: nn.Module, path: Optional[PathLike] = None) -> Path:
     return path
 
 
-def load_calibration(model: nn.Module, path: PathLike, method: Optional[str] = None, strict: bool = True,
+def load_calibration(model: nn.Module, path: PathLike, method: Optional[str] = None, strict: bool = False,
                      **method_kwargs: Any) -> nn.Module:
-    """Restore statistics and amax from ``path``; with ``method``, recompute amax from the stored statistics."""
+    """Restore statistics and amax from ``path``; with ``method``, recompute amax from the stored statistics
+    (``strict`` as in :func:`trtquant.calibrate`: quantizers without statistics are disabled, or raise)."""
     from safetensors import safe_open
 
     path = Path(path)
