@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ExportError
+from ..placement.ort_observers import OUTPUT_OBSERVER
 from ..quantizer import TensorQuantizer
 
 
@@ -30,19 +31,119 @@ def ort_flavor_(model: nn.Module) -> nn.Module:
     """Make ``model`` (in place) compute what its ONNX Runtime INT8 graph computes; returns it."""
     if getattr(model, "_trtquant_ort_flavor", False):
         return model  # already flavoured: folding BatchNorm twice would be wrong
-    missing = []
+    missing, observers = [], []
     for name, q in model.named_modules():
-        if isinstance(q, TensorQuantizer) and q.ort_only and q.is_enabled:
-            if q.amax is None:
-                missing.append(name)
-            q.enable_quant()
+        if not (isinstance(q, TensorQuantizer) and q.ort_only and q.is_enabled):
+            continue
+        if name.endswith(OUTPUT_OBSERVER):
+            observers.append((name, q))  # decided below, once the quantizers after them are known
+            continue
+        if q.amax is None:
+            missing.append(name)
+        q.enable_quant()
+    unsigned_nonnegative_inputs_(model)
+    needed = output_observers_needed(model) if observers and not missing else set()
+    for name, q in observers:
+        if name not in needed:
+            q.disable()  # the conv gets its output Q from the quantizer after it (copied up in the graph)
+            continue
+        if q.amax is None:
+            missing.append(name)
+        q.enable_quant()
     if missing:
         raise ExportError(f"the ONNX Runtime graph needs amax for {', '.join(missing[:10])}: calibrate the model "
                           "after trtquant.quantize (these observe-only quantizers calibrate with the others)")
-    unsigned_nonnegative_inputs_(model)
     _emulate_int32_bias_(model)
     model._trtquant_ort_flavor = True
     return model
+
+
+# Modules, functions and methods the ONNX Runtime graph copies an output Q up through (ops.ORT_OUTPUT_COPY
+# and ORT_OUTPUT_COPY_MOVES in PyTorch spelling).
+_COPY_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout,
+                 nn.ZeroPad2d)
+_COPY_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten,
+                   torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute, torch.cat,
+                   torch.concat, F.dropout}
+_COPY_METHODS = {"relu", "flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous", "permute",
+                 "transpose"}
+
+
+def _copies_q(n: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if n.op == "call_module":
+        m = modules.get(str(n.target))
+        if isinstance(m, nn.ConstantPad2d):
+            return float(m.value) == 0.0
+        if type(m).__name__ == "StochasticDepth":  # torchvision.ops: the identity in eval (nothing exported)
+            return not m.training
+        return isinstance(m, _COPY_MODULES) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0)
+    if n.op == "call_function":
+        if n.target is F.pad:
+            mode, value = _arg(n, "mode", 2), _arg(n, "value", 3)
+            return mode in (_UNSET, "constant") and value in (_UNSET, None, 0, 0.0)
+        return n.target in _COPY_FUNCTIONS
+    return n.op == "call_method" and n.target in _COPY_METHODS
+
+
+def _covering_scales(v: fx.Node, modules: Dict[str, nn.Module], depth: int = 0) -> Optional[Set[tuple]]:
+    """The (amax, unsigned) of the quantizers every path from ``v`` reaches through copy ops; None when a
+    path reaches anything else (a float reader)."""
+    if depth > 64 or not v.users:
+        return None
+    from ..nn.base import QuantInputMixin
+
+    found: Set[tuple] = set()
+    for u in v.users:
+        m = modules.get(str(u.target)) if u.op == "call_module" else None
+        if isinstance(m, QuantInputMixin) and u.args and u.args[0] is v and v not in u.args[1:]:
+            m = m.input_quantizer  # a quantized layer reads v through its own input quantizer
+        if isinstance(m, TensorQuantizer):
+            quantizes = m.is_enabled and m.amax is not None and (m._if_quant or m.ort_only) \
+                and not m.quant_desc.per_channel and not str(u.target).endswith(OUTPUT_OBSERVER)
+            if not quantizes:
+                return None
+            found.add((float(m.amax.reshape(-1)[0]), bool(m.unsigned)))
+            continue
+        if not _copies_q(u, modules):
+            return None
+        below = _covering_scales(u, modules, depth + 1)
+        if below is None:
+            return None
+        found |= below
+    return found
+
+
+def output_observers_needed(model: nn.Module) -> Set[str]:
+    """Output observers (:func:`~trtquant.placement.ort_observers.add_output_observers_`) whose conv has
+    no output Q without them.
+
+    A conv is covered when every path from its output (after its BatchNorm) goes through ops the graph
+    copies a Q through (ReLU, MaxPool, Concat, zero Pad, reshapes) into quantizers of one scale: then
+    that Q moves up to the conv. Otherwise its own observer gives it one. Untraceable: none.
+    """
+    from ..placement.fx_pass import trace_quantized
+
+    observers = {name for name, m in model.named_modules() if name.endswith(OUTPUT_OBSERVER)
+                 and isinstance(m, TensorQuantizer) and m.ort_only}
+    if not observers:
+        return set()
+    try:
+        graph = trace_quantized(model)
+    except Exception:
+        return set()
+    modules = dict(model.named_modules())
+    needed = set()
+    for n in graph.nodes:
+        if n.op != "call_module":
+            continue
+        target = str(n.target)
+        name = f"{target}.{OUTPUT_OBSERVER}"
+        if name not in observers:
+            continue
+        scales = _covering_scales(n, modules)
+        if scales is None or len(scales) != 1:
+            needed.add(name)
+    return needed
 
 
 def _emulate_int32_bias_(model: nn.Module) -> None:
@@ -84,7 +185,7 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
     for n in graph.nodes:
         layer = modules.get(str(n.target)) if n.op == "call_module" else None
         if not isinstance(layer, QuantMixin) or not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed \
-                or scales(layer) is None or not layer.weight_quantizer.quant_desc.per_channel:
+                or scales(layer) is None:
             continue
         s_in, s_w = scales(layer)
         wq = layer.weight_quantizer
@@ -107,7 +208,7 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
             s_f = amax_to_scale(amax_f, bound).numpy()
             folded_codes = (codes * torch.from_numpy(sign.astype(np.float32)).reshape(shape)).clamp_(qmin, qmax)
             folded = folded_codes * torch.from_numpy(s_f).reshape(shape)
-            b_codes, s_b = int32_bias(b_f, s_in, s_f)
+            b_codes, s_b = int32_bias(b_f, s_in, s_f, layer.weight[0].numel())
             with torch.no_grad():
                 layer.weight.data = folded.to(layer.weight.device)
                 bias = torch.from_numpy(b_codes.astype(np.float32) * s_b).to(layer.weight.device)
@@ -115,11 +216,16 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
                     layer.bias = nn.Parameter(bias)
                 else:
                     layer.bias.data = bias
-                wq.amax = amax_f.reshape(wq.amax.shape)
+                if not wq.quant_desc.per_channel:
+                    # A per-tensor weight scale times |gamma| per channel is a per-channel scale: the
+                    # folded weight is quantized along the output channels (the graph's weight DQ, axis 0).
+                    wq.quant_desc = dataclasses.replace(wq.quant_desc, axis=0)
+                wq.amax = amax_f.reshape(shape)
             layer._wq_cache = None
             bn_folded.add(id(layer))
             parent, _, child = bn_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+            # The BatchNorm's output observer (if any) now quantizes the folded conv's output.
+            setattr(model.get_submodule(parent) if parent else model, child, getattr(bn, OUTPUT_OBSERVER, nn.Identity()))
     # Every other Conv/Linear bias goes onto the int32 grid as the graph adds it (Conv/Gemm: int32 DQ;
     # a Linear on 3-D input, MatMul + Add: the rounded constant). This needs no graph.
     for layer in model.modules():
@@ -130,7 +236,7 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
         sc = scales(layer)
         if sc is None:
             continue
-        b_codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), sc[0], sc[1])
+        b_codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), sc[0], sc[1], layer.weight[0].numel())
         with torch.no_grad():
             layer.bias.copy_(torch.from_numpy(b_codes.astype(np.float32) * s_b))
 

@@ -38,11 +38,32 @@ def fold_bn_scale(weight_scale: np.ndarray, gamma, beta, mean, var, eps: float, 
     return scale, folded_bias, np.where(g < 0, -1, 1).astype(np.int8)
 
 
-def int32_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Bias on the accumulator grid, as integer kernels add it: (int32 codes, float32 scale s_in * s_w)."""
+#: The largest |(x - zp_x) * (w - zp_w)| of one product in ONNX Runtime's integer kernels: uint8
+#: activations with zero point 0 (0..255) times weights -128..127 (zero point 0 or 128).
+_MAX_PRODUCT = 255 * 128
+
+
+def int32_bias_limit(fan_in: int) -> int:
+    """The largest |bias code| that cannot overflow the int32 accumulator it is added to.
+
+    QLinearConv/QGemm add the bias codes to a sum of ``fan_in`` products in int32; a code at the int32
+    limit wraps around there (a random-init GoogLeNet whose activations shrink to 1e-13 gave its
+    classifier bias code 2**31 - 1 and cosine 0.02 after ONNX Runtime fused the layer).
+    """
+    return max(0, 2**31 - 1 - int(fan_in) * _MAX_PRODUCT)
+
+
+def int32_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray,
+               fan_in: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Bias on the accumulator grid, as integer kernels add it: (int32 codes, float32 scale s_in * s_w).
+
+    ``fan_in`` (products per output: in_channels / groups * kernel size) keeps the codes within
+    :func:`int32_bias_limit`, so the fused kernel's int32 sum cannot overflow.
+    """
     s_b = (np.float32(input_scale) * np.asarray(weight_scale, np.float32)).astype(np.float32)
     s_b = np.where(s_b > 0, s_b, np.float32(1.0)).astype(np.float32)
-    codes = np.clip(np.rint(np.asarray(bias, np.float64) / s_b), -2**31, 2**31 - 1).astype(np.int32)
+    limit = int32_bias_limit(fan_in)
+    codes = np.clip(np.rint(np.asarray(bias, np.float64) / s_b), -limit, limit).astype(np.int32)
     return codes, s_b
 
 
@@ -57,6 +78,33 @@ def _users(g: GraphIndex, tensor: str) -> List[onnx.NodeProto]:
 
 #: ONNX metadata key recording the weight code type of an ONNX Runtime graph ('int8' or 'uint8').
 WEIGHTS_KEY = "trtquant.ort_weights"
+
+
+#: ONNX metadata key: the op types that read a dequantized activation and run in float in ONNX Runtime
+#: (comma-separated; empty when every quantized value stays in INT8 kernels).
+FLOAT_OPS_KEY = "trtquant.ort_float_ops"
+
+
+def float_op_types(g: GraphIndex) -> List[str]:
+    """Op types reading a dequantized activation that ONNX Runtime has no INT8 kernel for (sorted).
+
+    They run in float between the DQ and the next Q (HardSigmoid/HardSwish, the Sigmoid and Mul of
+    SiLU, LayerNormalization, ...); the convs around them still run INT8.
+    """
+    found = set()
+    for _, n in g.live_nodes():
+        if n.op_type != "DequantizeLinear" or g.const(n.input[0]) is not None:
+            continue
+        found.update(c.op_type for c in _users(g, n.output[0]) if c.op_type not in ops.ORT_INT8_OPS)
+    return sorted(found)
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
 
 
 def host_weight_dtype(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -204,22 +252,7 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
     g.toposort_()
 
     # 4. Output Q: copy each activation scale up through commuting ops to the producing op's output.
-    scales = dict(act_scale)
-    for tensor, s in list(act_scale.items()):
-        if [c.op_type for c in _users(g, tensor)] != ["Identity"]:
-            continue  # a float reader too: quantizing the producer's output would change what it reads
-        cur = tensor
-        while True:
-            p = g.producer_of(cur)
-            if p is None or p.op_type not in ops.ORT_OUTPUT_COPY or not p.input or g.is_graph_output(cur):
-                break  # (a graph output must keep its float value)
-            src = p.input[0]
-            if len(g.consumers.get(src, [])) != 1 or src in scales:
-                break
-            scales[src] = s
-            if tensor in unsigned:  # Q_u(f(y)) == Q_u(f(Q_u(y))): f monotone, and f(y) < 0 iff it clamps to 0
-                unsigned.add(src)
-            cur = src
+    scales, unsigned = _copy_scales_up(g, act_scale, unsigned)
 
     # 5. Insert uint8 Q -> DQ (zero point 128, or 0 for unsigned) on every scaled tensor, for all consumers.
     for tensor, s in scales.items():
@@ -234,7 +267,9 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
         else:  # a copied-up output Q: its tensor's only reader is the commuting op
             dq_out = g.fresh(tensor + "_dq")
             g.replace_uses(tensor, dq_out)
-        g.add_node(helper.make_node("QuantizeLinear", [tensor, sc, zp_name], [q_out], name=q_out))
+        # A tensor that was itself a DQ output (a quantizer right after another one: Q1 -> DQ1 -> Q2) is
+        # read where that DQ's readers now read it.
+        g.add_node(helper.make_node("QuantizeLinear", [rename.get(tensor, tensor), sc, zp_name], [q_out], name=q_out))
         g.add_node(helper.make_node("DequantizeLinear", [q_out, sc, zp_name], [dq_out], name=dq_out))
         stats["activation_qdq" if tensor in act_scale else "output_qdq"] += 1
     g.toposort_()
@@ -254,7 +289,9 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
         s_w = g.const(w_dq.input[1])
         if bias is None or s_in is None or s_w is None or s_in.size != 1:
             continue
-        qb, s_b = int32_bias(bias, float(s_in.reshape(())), s_w)
+        w_codes = g.const(w_dq.input[0])
+        fan_in = int(w_codes.size // max(1, bias.size)) if w_codes is not None else 2**31 // _MAX_PRODUCT
+        qb, s_b = int32_bias(bias, float(s_in.reshape(())), s_w, fan_in)
         b_codes = g.add_initializer(qb, (n.name or "b") + "_bq")
         b_scale = g.add_initializer(s_b.reshape(-1) if s_b.ndim else s_b, (n.name or "b") + "_bs")
         b_zp = g.add_initializer(np.zeros(s_b.reshape(-1).shape if s_b.ndim else (), np.int32), (n.name or "b") + "_bz")
@@ -264,10 +301,87 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
         g.set_input(i, 2, out)
         stats["int32_bias"] += 1
     g.toposort_()
+    float_ops = float_op_types(g)
+    stats["float_op_types"] = len(float_ops)
+    _set_metadata(model, FLOAT_OPS_KEY, ",".join(float_ops))
     from .graph_passes import remove_unused_initializers
 
     remove_unused_initializers(model)
     return model, stats
+
+
+def _data_inputs(node: onnx.NodeProto) -> List[str]:
+    """The inputs of a copy op that carry the quantized values (every Concat input; slot 0 otherwise)."""
+    return [t for t in node.input if t] if node.op_type == "Concat" else list(node.input[:1])
+
+
+def _copies_scale(g: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether ``Q(node(y)) == node(Q(y))`` exactly, so an output Q may move to the op's data inputs."""
+    if node.op_type in ops.ORT_OUTPUT_COPY:
+        return bool(node.input)
+    if node.op_type not in ops.ORT_OUTPUT_COPY_MOVES or len(node.output) != 1:
+        return False
+    if node.op_type == "Pad":
+        if g.attr(node, "mode", b"constant") not in (b"constant", "constant"):
+            return False
+        value = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+        return value is not None and value.size == 1 and float(value.reshape(())) == 0.0
+    return True
+
+
+def _copy_scales_up(g: GraphIndex, act_scale: Dict[str, float], unsigned: set) -> Tuple[Dict[str, float], set]:
+    """Scales for producer outputs: a tensor gets the scale of what it feeds when every reader of it is a
+    copy op (:func:`_copies_scale`) whose output has that one scale (and signedness).
+
+    Concat hands its output scale to every input (an inception branch's conv gets its output Q), Pad,
+    Transpose, Reshape and Slice hand it through (a zero-padded depthwise input, a channel shuffle);
+    a tensor with any other reader keeps its float value. The walk goes back from every quantized
+    tensor whose only reader is its quantizer.
+    """
+    scales = dict(act_scale)
+    unsigned = set(unsigned)
+    frontier = [t for t in act_scale if [c.op_type for c in _users(g, t)] == ["Identity"]]
+    while frontier:  # until no tensor gains a scale (a Concat input waits for all its readers)
+        gained = []
+        for cur in frontier:
+            p = g.producer_of(cur)
+            if p is None or g.is_graph_output(cur) or not _copies_scale(g, p):
+                continue
+            for src in _data_inputs(p):
+                agreed = None if src in scales or g.const(src) is not None or g.is_graph_output(src) \
+                    or _is_dequantized(g, src) else _agreed_scale(g, src, scales, unsigned)
+                if agreed is not None:
+                    scales[src] = agreed[0]
+                    if agreed[1]:  # Q_u(f(y)) == Q_u(f(Q_u(y))): f moves data or is monotone, f(y) < 0 iff clamped to 0
+                        unsigned.add(src)
+                    gained.append(src)
+        frontier = gained + [t for t in frontier if t not in gained and _waiting(g, t, scales)] if gained else []
+    return scales, unsigned
+
+
+def _is_dequantized(g: GraphIndex, tensor: str) -> bool:
+    """A DQ output (or the placeholder that becomes one): a second Q there makes Q1 -> DQ1 -> Q2 -> DQ2,
+    which ONNX Runtime's DoubleQDQPairsRemover collapses into one pair with a recomputed scale (not
+    what the two roundings compute: a GoogLeNet lost cosine 0.999 -> 0.92 that way)."""
+    p = g.producer_of(tensor)
+    return p is not None and (p.op_type == "DequantizeLinear" or tensor.endswith(_quantized_read("")))
+
+
+def _waiting(g: GraphIndex, tensor: str, scales: Dict[str, float]) -> bool:
+    """Whether an input of ``tensor``'s copy-op producer is still without a scale (worth another look)."""
+    p = g.producer_of(tensor)
+    return p is not None and _copies_scale(g, p) and any(t not in scales for t in _data_inputs(p))
+
+
+def _agreed_scale(g: GraphIndex, src: str, scales: Dict[str, float], unsigned: set) -> Optional[Tuple[float, bool]]:
+    """(scale, unsigned) when every reader of ``src`` is a copy op reading it as data whose output has
+    that one scale; else None."""
+    outs = set()
+    for _, slot, r in g.consumer_nodes(src):
+        if not _copies_scale(g, r) or (r.op_type != "Concat" and slot != 0) or r.output[0] not in scales:
+            return None
+        outs.add((scales[r.output[0]], r.output[0] in unsigned))
+    return next(iter(outs)) if len(outs) == 1 else None
 
 
 def _quantized_read(tensor: str) -> str:

@@ -52,6 +52,19 @@ COMMUTING = frozenset({"MaxPool", "Relu", "Clip", "Reshape", "Transpose", "Flatt
 #: DQ->MaxPool/Reshape->Q propagation), so the producer gets its output Q.
 ORT_OUTPUT_COPY = frozenset({"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity"})
 
+#: Data movement the ONNX Runtime graph also copies an output Q through (exact for any scale and zero
+#: point: each output value is one input value, and a constant zero pad quantizes to the zero point,
+#: which dequantizes to 0). Concat copies it to every input; Pad only in constant mode with value 0.
+ORT_OUTPUT_COPY_MOVES = frozenset({"Transpose", "Squeeze", "Unsqueeze", "Concat", "Pad", "Slice"})
+#: Ops ONNX Runtime's CPU QDQ fusions (qdq_selector_action_transformer.cc: Conv/MatMul/Gemm,
+#: binary Add/Mul, variadic Concat, unary AveragePool/GlobalAveragePool, drop-Q/DQ data movement,
+#: ReluQuantFusion/ClipQuantFusion) run on INT8 codes between a DQ and a Q. Any other op reading a
+#: dequantized activation stays float there (HardSigmoid, HardSwish, the Sigmoid and Mul of a SiLU
+#: gate, LayerNormalization, ...); the graph records which in its metadata.
+ORT_INT8_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
+                          "GlobalAveragePool", "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze",
+                          "Unsqueeze", "Relu", "Clip", "Identity", "Pad", "Slice", "Gather", "Resize", Q, DQ})
+
 #: Ops with an INT8 implementation in TensorRT when input and output are quantized (checker C22).
 INT8_FUSIBLE = frozenset({"AveragePool", "GlobalAveragePool", "Add"})
 #: Ops that consume a quantized tensor usefully (a Q/DQ in front of anything else only adds work).
@@ -65,5 +78,5 @@ GATE_FUNCTIONS = frozenset({"Sigmoid", "Erf", "HardSigmoid", "Tanh", "Softplus",
 
 __all__ = [
     "ACTIVATIONS", "AFFINE", "COMMUTING", "CONV_EPILOGUE", "DQ", "FLOAT_ISLAND", "GATE_FUNCTIONS", "INT8_FUSIBLE",
-    "ORT_OUTPUT_COPY", "PASSTHROUGH", "Q", "QDQ", "QUANTIZABLE", "RESIDUAL_SOURCES", "SELF_GATED", "WEIGHTED",
+    "ORT_INT8_OPS", "ORT_OUTPUT_COPY", "ORT_OUTPUT_COPY_MOVES", "PASSTHROUGH", "Q", "QDQ", "QUANTIZABLE", "RESIDUAL_SOURCES", "SELF_GATED", "WEIGHTED",
 ]
