@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .nn.base import QuantInputMixin, QuantMixin
+from .nn.custom import CallQuantMixin, twin_type
 from .nn.registry import QUANT_MODULE_MAP
 from .quantizer import TensorQuantizer
 
@@ -64,6 +65,37 @@ def _float_type(module: nn.Module) -> Optional[type]:
     return None
 
 
+#: Torch layers whose user subclasses with their own forward get a call-quantized twin.
+_WEIGHTED_TORCH_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                           nn.ConvTranspose3d, nn.Linear)
+
+
+def _own_forward(cls: type, float_t: type) -> bool:
+    """Whether ``cls`` computes differently from ``float_t``: its own forward (or conv helper)."""
+    return any(getattr(cls, attr, None) is not getattr(float_t, attr, None) for attr in ("forward", "_conv_forward"))
+
+
+def _twin_class(name: str, module: nn.Module, float_t: type) -> Optional[type]:
+    """The call-quantized twin class for a layer subclass with its own forward, or None (left float, logged)."""
+    torch_t = next((t for t in type(module).__mro__ if t in _WEIGHTED_TORCH_TYPES), None)
+    quant_t = QUANT_MODULE_MAP.get(torch_t) if torch_t is not None else None
+    if quant_t is None or not issubclass(quant_t, QuantMixin):
+        logger.warning("%s (%s) overrides %s.forward; left in float (only Conv/ConvTranspose/Linear subclasses are "
+                       "quantized at their functional call; register a quantized version with trtquant.nn.register)",
+                       name, type(module).__name__, float_t.__name__)
+        return None
+    nested = [n for n, m in module.named_modules() if n and isinstance(m, _WEIGHTED_TORCH_TYPES)]
+    if nested:
+        # Their calls would run inside this forward's quantizing mode and be quantized twice.
+        logger.warning("%s (%s) overrides %s.forward and contains weighted layers (%s); left in float (register a "
+                       "quantized version with trtquant.nn.register)", name, type(module).__name__,
+                       float_t.__name__, ", ".join(nested[:5]))
+        return None
+    logger.info("%s (%s) has its own forward; quantizing its %s call (input and weight as the call sees them)",
+                name, type(module).__name__, torch_t.__name__)
+    return twin_type(type(module), torch_t, quant_t)
+
+
 def quantize(
     model: nn.Module,
     config: Union[QuantConfig, dict, None] = None,
@@ -74,14 +106,17 @@ def quantize(
     """Quantize ``model`` in place and return it.
 
     Args:
-        model: any nn.Module (torchvision or your own); its code is not edited.
+        model: any nn.Module (torchvision or your own); its code is not edited. Conv/ConvTranspose/
+            Linear subclasses with their own forward (TF 'same' padding, weight standardization) keep it
+            and are quantized at their ``F.conv*d``/``F.linear`` call (:mod:`trtquant.nn.custom`).
         config: QuantConfig (or dict) with input/weight descriptors and per-name overrides.
         include: module-name globs (``"layer1.*"``, ``"conv1"``) and/or module types; only these
             are quantized. None = every supported layer.
         exclude: globs/types to leave in float, applied after ``include``.
         placement: ``"trt"`` adds the quantizers TensorRT needs to fuse INT8 end to end (residual
             Add identity inputs, shared Concat amax, AvgPool inputs; traced with torch.fx) and
-            disables those it would not fuse; None swaps layers only.
+            disables those it would not fuse; ``F.conv*d``/``F.linear`` calls on parameters in the
+            forward of selected modules get input and weight quantizers; None swaps layers only.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
@@ -99,22 +134,21 @@ def quantize(
         if not selected or (exc is not None and _matches(name, module, exc)):
             continue
         float_t = _float_type(module)
-        if float_t is not None and type(module).forward is not float_t.forward:
-            # A subclass with its own forward (e.g. 'same' padding, weight standardization): the
-            # quantized twin would run float_t's forward instead and silently change the model.
-            logger.warning("%s (%s) overrides %s.forward; left in float (register a quantized version with "
-                           "trtquant.nn.register)", name, type(module).__name__, float_t.__name__)
-            float_t = None
-        if float_t is None:
+        quant_cls = None if float_t is None else QUANT_MODULE_MAP[float_t]
+        if float_t is not None and _own_forward(type(module), float_t):
+            # A subclass with its own forward ('same' padding, weight standardization): QuantConv2d would
+            # run nn.Conv2d's forward instead, so a twin keeps the forward and quantizes at its conv call.
+            quant_cls = _twin_class(name, module, float_t)
+        if quant_cls is None:
             # Only layers named exactly or selected by type are errors; a glob ("layer1.*") also
             # matches the BatchNorms and activations around the convs, which stay float.
             if inc is not None and name and not list(module.children()) and _named(name, module, inc):
                 unsupported.append(f"{name} ({type(module).__name__})")
             continue
-        if type(module) is not float_t:
+        if type(module) is not float_t and not issubclass(quant_cls, CallQuantMixin):
             logger.info("%s is a subclass %s of %s; quantizing it as %s", name, type(module).__name__,
                         float_t.__name__, float_t.__name__)
-        targets.append((name, module, QUANT_MODULE_MAP[float_t]))
+        targets.append((name, module, quant_cls))
 
     if unsupported:
         supported = ", ".join(sorted(t.__name__ for t in QUANT_MODULE_MAP))
@@ -139,7 +173,8 @@ def quantize(
     if placement == "trt" and targets:
         from .placement import apply_trt_placement
 
-        apply_trt_placement(model, cfg)
+        apply_trt_placement(model, cfg, select=lambda n, m: (inc is None or _matches(n, m, inc))
+                            and not (exc is not None and _matches(n, m, exc)))
     name_quantizers(model)
     return model
 

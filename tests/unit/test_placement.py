@@ -293,3 +293,123 @@ def test_all_quantizers_disabled_is_bit_exact_float(name, resnet18_pair):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(model(x), fp(x))
+
+
+# ---- blocks called with constant arguments ----------------------------------------------------------
+
+class _OptionalArgBlock(nn.Module):
+    """EfficientNet-style optional arguments: fx cannot branch on them unless they are concrete."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x, scale=None, use_act=True):
+        y = self.bn(self.conv(x))
+        if scale:
+            y = y * scale
+        if use_act:
+            y = F.relu(y)
+        return y + x
+
+
+class _TwoCalls(nn.Module):
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = _OptionalArgBlock()
+        self.b = self.a if shared else _OptionalArgBlock()
+
+    def forward(self, x):
+        x = self.a(self.stem(x), scale=0.5)
+        return self.b(x, 2.0, use_act=False)
+
+
+def test_blocks_are_traced_with_the_constants_they_are_called_with():
+    torch.manual_seed(0)
+    fp = _TwoCalls(shared=False).eval()
+    model = trtquant.quantize(copy.deepcopy(fp))
+    report = placement_report(model)
+    assert report["traced"] is True and report["skipped"] == {}
+    assert _by_rule(report, rules.RULE_RESIDUAL) == ["a.residual_quantizer", "b.residual_quantizer"]
+    res_in = _capture_input(model.b.residual_quantizer)
+    blk_in = []
+    model.b.register_forward_pre_hook(lambda m, inp: blk_in.append(inp[0].detach().clone()))
+    _disable_all(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), fp(x))  # scale and use_act kept their traced meaning
+        assert torch.equal(res_in[0], blk_in[0])
+        with pytest.raises(Exception, match="specialized"):
+            model.b(blk_in[0], 3.0, use_act=False)  # a constant it was not traced with: refused, not wrong
+
+
+def test_block_called_with_different_constants_is_skipped_and_named(caplog):
+    torch.manual_seed(0)
+    fp = _TwoCalls(shared=True).eval()
+    with caplog.at_level("WARNING", logger="trtquant.placement.fx_pass"):
+        model = trtquant.quantize(copy.deepcopy(fp))
+    report = placement_report(model)
+    assert list(report["skipped"]) == ["a"]
+    assert "scale=0.5 vs 2.0" in report["skipped"]["a"] and "use_act=True vs False" in report["skipped"]["a"]
+    assert any(r.getMessage().startswith("placement: a: graph rules skipped") for r in caplog.records)
+    from trtquant.placement.fx_pass import format_placement_report
+
+    assert "block skipped: a:" in format_placement_report(report)
+    assert not _by_rule(report, rules.RULE_RESIDUAL)
+    _disable_all(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), fp(x))
+
+
+# ---- models that do not trace whole -----------------------------------------------------------------
+
+class _Neck(nn.Module):
+    """Data-dependent control flow around a traceable residual body."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Block("iadd"))
+
+    def forward(self, x):
+        y = self.body(x)
+        if y.mean() > 100:
+            y = y * 0
+        return y
+
+
+class _ImageListModel(nn.Module):
+    """Detection-style: a Python loop over a list of images at the top (fx cannot iterate a Proxy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _Neck()
+        self.head = nn.Sequential(_Block("method"), nn.Conv2d(8, 4, 1))
+
+    def forward(self, images):
+        return [self.head(self.backbone(img[None])) for img in images]
+
+
+def test_untraceable_root_places_its_largest_traceable_submodules():
+    torch.manual_seed(0)
+    fp = _ImageListModel().eval()
+    model = trtquant.quantize(copy.deepcopy(fp))
+    report = placement_report(model)
+    assert report["traced"] is False and "_ImageListModel" in report["reason"]
+    assert report["placed_subtrees"] == ["backbone.body", "head"]
+    assert _by_rule(report, rules.RULE_RESIDUAL) == ["backbone.body.2.residual_quantizer", "head.0.residual_quantizer"]
+    from trtquant.placement.fx_pass import format_placement_report
+
+    assert "applied to 2 traceable submodule(s) (backbone.body, head)" in format_placement_report(report)
+    # The identity quantizer reads the block input, and the model computes what it did.
+    res_in = _capture_input(model.head[0].residual_quantizer)
+    blk_in = []
+    model.head[0].register_forward_pre_hook(lambda m, inp: blk_in.append(inp[0].detach().clone()))
+    _disable_all(model)
+    images = [torch.randn(3, 16, 16), torch.randn(3, 12, 12)]
+    with torch.no_grad():
+        for got, want in zip(model(images), fp(images)):
+            assert torch.equal(got, want)
+    assert torch.equal(res_in[0], blk_in[0])

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Dict, List, Optional, Set
+from typing import Dict, Optional, Set
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..placement.ort_observers import OUTPUT_OBSERVER
+from ..placement.ort_observers import OUTPUT_OBSERVER, covering_quantizers
 from ..quantizer import TensorQuantizer
 
 
@@ -58,59 +58,9 @@ def ort_flavor_(model: nn.Module) -> nn.Module:
     return model
 
 
-# Modules, functions and methods the ONNX Runtime graph copies an output Q up through (ops.ORT_OUTPUT_COPY
-# and ORT_OUTPUT_COPY_MOVES in PyTorch spelling).
-_COPY_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout,
-                 nn.ZeroPad2d)
-_COPY_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten,
-                   torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute, torch.cat,
-                   torch.concat, F.dropout}
-_COPY_METHODS = {"relu", "flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous", "permute",
-                 "transpose"}
-
-
-def _copies_q(n: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    if n.op == "call_module":
-        m = modules.get(str(n.target))
-        if isinstance(m, nn.ConstantPad2d):
-            return float(m.value) == 0.0
-        if type(m).__name__ == "StochasticDepth":  # torchvision.ops: the identity in eval (nothing exported)
-            return not m.training
-        return isinstance(m, _COPY_MODULES) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0)
-    if n.op == "call_function":
-        if n.target is F.pad:
-            mode, value = _arg(n, "mode", 2), _arg(n, "value", 3)
-            return mode in (_UNSET, "constant") and value in (_UNSET, None, 0, 0.0)
-        return n.target in _COPY_FUNCTIONS
-    return n.op == "call_method" and n.target in _COPY_METHODS
-
-
-def _covering_scales(v: fx.Node, modules: Dict[str, nn.Module], depth: int = 0) -> Optional[Set[tuple]]:
-    """The (amax, unsigned) of the quantizers every path from ``v`` reaches through copy ops; None when a
-    path reaches anything else (a float reader)."""
-    if depth > 64 or not v.users:
-        return None
-    from ..nn.base import QuantInputMixin
-
-    found: Set[tuple] = set()
-    for u in v.users:
-        m = modules.get(str(u.target)) if u.op == "call_module" else None
-        if isinstance(m, QuantInputMixin) and u.args and u.args[0] is v and v not in u.args[1:]:
-            m = m.input_quantizer  # a quantized layer reads v through its own input quantizer
-        if isinstance(m, TensorQuantizer):
-            quantizes = m.is_enabled and m.amax is not None and (m._if_quant or m.ort_only) \
-                and not m.quant_desc.per_channel and not str(u.target).endswith(OUTPUT_OBSERVER)
-            if not quantizes:
-                return None
-            found.add((float(m.amax.reshape(-1)[0]), bool(m.unsigned)))
-            continue
-        if not _copies_q(u, modules):
-            return None
-        below = _covering_scales(u, modules, depth + 1)
-        if below is None:
-            return None
-        found |= below
-    return found
+def _scale_key(m: TensorQuantizer) -> Optional[tuple]:
+    """After calibration, quantizers of one scale give one Q: (amax, unsigned); None when uncalibrated."""
+    return None if m.amax is None else (float(m.amax.reshape(-1)[0]), bool(m.unsigned))
 
 
 def output_observers_needed(model: nn.Module) -> Set[str]:
@@ -140,7 +90,7 @@ def output_observers_needed(model: nn.Module) -> Set[str]:
         name = f"{target}.{OUTPUT_OBSERVER}"
         if name not in observers:
             continue
-        scales = _covering_scales(n, modules)
+        scales = covering_quantizers(n, modules, _scale_key)
         if scales is None or len(scales) != 1:
             needed.add(name)
     return needed
@@ -193,7 +143,11 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
         bn_name = str(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
         bn = modules.get(bn_name) if bn_name else None
         w = layer.weight.detach().cpu().float()
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.affine:
+        # A twin whose own forward transforms its weight (weight standardization) would transform a folded
+        # weight again: its BatchNorm stays separate (only the bias goes onto the int32 grid below).
+        transforms_weight = hasattr(layer, "weight_transformed") and layer.weight_transformed is not False
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.affine \
+                and not transforms_weight:
             qmin, qmax, bound = quant_bounds(wq.num_bits, wq.unsigned, wq.narrow_range)
             shape = [-1] + [1] * (w.dim() - 1)
             with torch.no_grad():
