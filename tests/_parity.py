@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import trtquant
+from trtquant.export import parity
 from trtquant.graph.dag import residual_split
 from trtquant.graph.index import GraphIndex
 from trtquant.graph.onnx_dag import OnnxDag
@@ -120,34 +121,14 @@ class _Constants(Mapping):
 
 
 def qdq_probe_outputs(model, qnodes) -> Tuple[Dict[str, int], Dict[str, list]]:
-    """Extra graph outputs that expose each QuantizeLinear's float input, its int8 codes and the outputs
-    of its DequantizeLinear consumers (for :func:`with_extra_outputs`), and those consumers per Q output."""
-    from onnx import TensorProto
-
-    g = index(model)
-    consumers = {q.output[0]: [n for _, _, n in g.consumer_nodes(q.output[0])] for q in qnodes}
-    extra: Dict[str, int] = {}
-    for q in qnodes:
-        extra[q.input[0]] = TensorProto.FLOAT
-        extra[q.output[0]] = TensorProto.INT8
-        for dq in consumers[q.output[0]]:
-            extra[dq.output[0]] = TensorProto.FLOAT
-    return extra, consumers
+    """Extra outputs exposing each Q's float input, codes and DQ outputs: :func:`trtquant.export.parity.qdq_probe_outputs`."""
+    return parity.qdq_probe_outputs(model, qnodes)
 
 
 def probe_values(model, extra: Dict[str, int], probe_path, x: torch.Tensor) -> Dict[str, np.ndarray]:
     """Run ``model`` with ``extra`` exposed as outputs (ONNX Runtime, optimisations off) on ``x``:
     every output by name, plus ``"input"``."""
-    import onnx
-
-    from trtquant.export.compare import ort_session
-
-    onnx.save(with_extra_outputs(model, extra), str(probe_path))
-    sess = ort_session(probe_path, optimize=False)
-    names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(names, {"input": x.numpy()})))
-    values["input"] = x.numpy()
-    return values
+    return parity.run_with_outputs(model, extra, {"input": x.numpy()}, probe_path)
 
 
 def constants(model) -> Mapping[str, np.ndarray]:
@@ -155,38 +136,12 @@ def constants(model) -> Mapping[str, np.ndarray]:
     return _Constants(index(model))
 
 
-def activation_quantize_nodes(model) -> list:
-    """QuantizeLinear nodes whose data input is computed (not a constant weight)."""
-    g = index(model)
-    return [n for n in g.nodes if n.op_type == "QuantizeLinear" and g.const(n.input[0]) is None]
-
-
-def with_extra_outputs(model, outputs: Dict[str, int]):
-    """A copy of ``model`` that also returns the tensors ``{name: onnx elem type}``."""
-    import copy
-
-    from onnx import helper
-
-    m = copy.deepcopy(model)
-    present = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
-    for name, elem in outputs.items():
-        if name not in present:
-            m.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    return m
-
-
-def amax_for_scale(scale: np.float32, bound: int = 127) -> torch.Tensor:
-    """A float32 amax whose trtquant scale (amax / bound in float32) is exactly ``scale``."""
-    from trtquant.functional import amax_to_scale
-
-    target = torch.tensor(scale, dtype=torch.float32)
-    amax = target * bound
-    for _ in range(4):
-        got = amax_to_scale(amax, bound)
-        if torch.equal(got, target):
-            return amax
-        amax = torch.nextafter(amax, amax + (1.0 if bool(got < target) else -1.0))
-    raise AssertionError(f"no float32 amax maps to scale {float(scale)!r}")
+# The probes live in the library (trtquant.export.parity); these names stay for the flow tests.
+activation_quantize_nodes = parity.activation_quantize_nodes
+with_extra_outputs = parity.with_extra_outputs
+amax_for_scale = parity.amax_for_scale
+relative_l2 = parity.relative_l2
+with_relative_noise = parity.with_relative_noise
 
 
 # ---- graph structure --------------------------------------------------------------------------
@@ -244,17 +199,3 @@ def residual_adds(model) -> list:
     g = index(model)
     return [n for n in g.nodes
             if n.op_type == "Add" and len(n.input) == 2 and all(g.const(i) is None for i in n.input)]
-
-
-def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.double().flatten(), b.double().flatten()
-    return float((a64 - b64).norm() / b64.norm())
-
-
-def with_relative_noise(x: torch.Tensor, rel: float, seed: int) -> torch.Tensor:
-    """``x`` plus Gaussian noise with ||noise|| = rel * ||x|| per sample."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x.shape, generator=g)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    scale = rel * x.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
-    return x + noise * scale.reshape(shape)

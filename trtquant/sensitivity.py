@@ -28,6 +28,7 @@ from .calibrate import _model_device, _to_device, quantizers, run_batch
 from .convert import name_quantizers
 from .errors import QuantizerNotCalibratedError, TrtQuantError
 from .nn.base import QuantMixin
+from .outputs import output_tensors
 from .quantizer import TensorQuantizer
 from .states import _observe_only, preserved
 
@@ -116,13 +117,8 @@ def quant_groups(model: nn.Module) -> Dict[str, Tuple[str, List[str]]]:
 
 
 def _flat_outputs(out: Any) -> List[Tensor]:
-    if isinstance(out, Tensor):
-        return [out.detach().float()] if out.is_floating_point() else []
-    if isinstance(out, dict) or hasattr(out, "items"):
-        return [t for v in out.values() for t in _flat_outputs(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flat_outputs(v)]
-    return []
+    """The floating-point leaves of any output structure (dicts, namedtuples, nested), in export order."""
+    return [t.detach().float() for t in output_tensors(out) if t.is_floating_point()]
 
 
 def _run_all(model: nn.Module, batches: Sequence[Any], device: torch.device) -> List[List[Tensor]]:

@@ -36,6 +36,7 @@ import torch
 from trtquant.bench import report as _report
 from trtquant.bench.machine import collect_machine_info
 from trtquant.engine.build import metadata_path_for
+from trtquant.outputs import output_tensors
 
 __all__ = [
     "BACKENDS",
@@ -447,12 +448,8 @@ def _torch_workload(
                 state["out"] = forward()
 
     def outputs() -> list[torch.Tensor]:
-        out = state["out"]
-        if isinstance(out, torch.Tensor):
-            return [out]
-        if isinstance(out, Mapping):
-            return [v for v in out.values() if isinstance(v, torch.Tensor)]
-        return [v for v in out if isinstance(v, torch.Tensor)]
+        # Any structure (segmentation dicts, detector lists of dicts, namedtuples): every tensor leaf.
+        return output_tensors(state["out"])
 
     h2d = d2h = None
     if include_transfers:

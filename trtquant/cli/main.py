@@ -229,7 +229,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
         shape = [shape[0], a.size, a.size]
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(a.batch_size, *shape, generator=g) for _ in range(a.num_batches)]
-    res = compare(model, a.onnx, batches, optimize=a.optimize)
+    res = compare(model, a.onnx, batches, optimize=a.optimize, teacher_forced=a.teacher_forced,
+                  input_noise=None if a.no_noise_floor else 1e-6)
     print(res.format_table())
     _emit_json(res.to_dict(), a.json)
     return 0
@@ -342,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int)
     s.add_argument("--input-shape")
     s.add_argument("--optimize", action="store_true", help="let ORT fuse INT8 kernels (default: Q/DQ run literally)")
+    s.add_argument("--teacher-forced", action="store_true",
+                   help="also check every activation QuantizeLinear on ONNX Runtime's own input (first batch)")
+    s.add_argument("--no-noise-floor", action="store_true",
+                   help="skip the chaos floor (PyTorch vs itself under 1e-6 relative input noise)")
     s.add_argument("--json")
     s.set_defaults(func=cmd_compare)
 

@@ -24,6 +24,7 @@ from torch import nn
 from ..calib_cache import atomic_write_bytes
 from ..convert import name_quantizers
 from ..errors import ExportError
+from ..outputs import flatten_outputs, onnx_output_names
 from ..quantizer import ExportMode, TensorQuantizer
 from .ort_flavor import ort_flavor_
 
@@ -100,6 +101,10 @@ def export_onnx(
         dynamic_batch: make dimension 0 of every input and output dynamic.
         exporter: 'dynamo' (torch.export based, PyTorch's default) or 'legacy' (TorchScript).
         weights: 'qdq' (float initializer -> Q -> DQ) or 'dq_only' (int8 initializer -> DQ).
+        input_names: ONNX input names; default 'input' (one input) or 'input_0', 'input_1', ...
+        output_names: one ONNX output name per tensor leaf of the model's output, in
+            :func:`trtquant.outputs.flatten_outputs` order; default the leaf names ('output' for one
+            tensor, 'out'/'aux' for a segmentation dict, 'output_0', 'output_1' for a tuple).
         target: 'tensorrt' (Q/DQ on layer inputs, the TensorRT artifact) or 'onnxruntime' (the graph
             ONNX Runtime's CPU provider runs with INT8 kernels, from the same calibration; fp32 only).
         ort_weights: weight codes of the ONNX Runtime graph: 'int8' (zero point 0; fastest where the
@@ -142,9 +147,8 @@ def export_onnx(
         args = tuple(_at_least_batch2(a) for a in args)
     with torch.no_grad():
         outputs = work(*args)
-    outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     in_names = list(input_names) if input_names else (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
-    out_names = list(output_names) if output_names else (["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))])
+    out_names = _output_names(model, outputs, output_names)
 
     try:
         with export_mode(work, torch_dtype), torch.no_grad(), warnings.catch_warnings():
@@ -160,6 +164,9 @@ def export_onnx(
 
     from .graph_passes import dedupe_qdq, fold_weight_quantize, name_qdq_nodes, reduce_mean_to_global_pool
 
+    if len(proto.graph.output) != len(out_names):
+        raise ExportError(f"torch.onnx ({exporter}) wrote {len(proto.graph.output)} output(s) for the {len(out_names)} "
+                          f"tensor(s) {type(model).__name__} returns ({', '.join(out_names)}); return each tensor once")
     dedupe_qdq(proto)
     reduce_mean_to_global_pool(proto)  # rewrites only inputs shape inference proves 4-D
     if target == "onnxruntime":
@@ -180,6 +187,23 @@ def export_onnx(
     atomic_write_bytes(path, data)
     n_qdq = sum(1 for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     return ExportResult(path, opset, exporter, dtype, n_qdq, in_names, out_names)
+
+
+def _output_names(model: nn.Module, outputs: Any, given: Optional[Sequence[str]]) -> List[str]:
+    """One ONNX output name per tensor leaf of ``outputs`` (torch.onnx flattens them in the same
+    order): ``given`` when passed, else the leaf names ('out'/'aux' for a segmentation dict)."""
+    try:
+        leaves = [name for name, _ in flatten_outputs(outputs)]
+    except TypeError as e:
+        raise ExportError(f"{type(model).__name__}: {e}") from e
+    if not leaves:
+        raise ExportError(f"{type(model).__name__} returned no tensor ({type(outputs).__name__}): nothing to export")
+    if not given:
+        return onnx_output_names(outputs)
+    if len(given) != len(leaves):
+        raise ValueError(f"output_names has {len(given)} name(s) but {type(model).__name__} returns {len(leaves)} "
+                         f"tensor(s) ({', '.join(leaves)}); pass one name per tensor, in that order, or none")
+    return list(given)
 
 
 def _at_least_batch2(a: Any) -> Any:
