@@ -90,10 +90,11 @@ def reestimate_bn(model: nn.Module, batches: List[Any], run: Callable[[nn.Module
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
+    model.eval()  # only the BatchNorms train (a detector in train mode wants targets; dropout stays off)
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
+        m.train()
     with torch.no_grad():
         for b in batches:
             run(model, b)
@@ -221,7 +222,9 @@ def one_model(name: str, family: str, size: int, workdir: Path, speed: bool, per
         rep = placement_report(model)
         qs = rep["quantizers"]
         row["quantizers"] = sum(1 for q in qs if q["enabled"])  # type: ignore[union-attr]
-        row["placement"] = "traced" if rep["traced"] else f"skipped: {rep['reason']}"
+        subtrees = rep.get("placed_subtrees") or []
+        row["placement"] = "traced" if rep["traced"] else (
+            f"{len(subtrees)} traceable submodules placed ({rep['reason']})" if subtrees else f"skipped: {rep['reason']}")
         stage = "calibrate"
         trtquant.calibrate(model, [list(b) if family == "detection" else b for b in calib], method="percentile",
                            progress=False)
