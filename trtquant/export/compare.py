@@ -136,9 +136,13 @@ def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[
 
         model = ort_flavor_(copy.deepcopy(model))
         notes.append("reference: the ONNX Runtime flavour of the model (export target 'onnxruntime')")
-        from .ort_graph import WEIGHTS_KEY, host_weight_dtype
+        from .ort_graph import FLOAT_OPS_KEY, WEIGHTS_KEY, host_weight_dtype
 
-        weights = sess.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY, "int8")
+        meta = sess.get_modelmeta().custom_metadata_map
+        if meta.get(FLOAT_OPS_KEY):
+            notes.append(f"ops ONNX Runtime has no INT8 kernel for, kept float between a DQ and a Q: "
+                         f"{meta[FLOAT_OPS_KEY].replace(',', ', ')}")
+        weights = meta.get(WEIGHTS_KEY, "int8")
         if optimize and weights == "int8" and host_weight_dtype() == "uint8":
             notes.append("int8 weights on an x86-64 CPU without VNNI: ONNX Runtime's u8s8 kernels saturate "
                          "int16 pair sums here, so fused results drift; export with ort_weights='uint8' (or "
