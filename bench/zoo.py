@@ -59,6 +59,16 @@ def list_family(family: str) -> List[str]:
     return sorted(tvm.list_models(module=module))
 
 
+def num_params_m(name: str) -> Optional[float]:
+    """Parameters (millions) from torchvision's weight metadata, without building the model."""
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model_weights(name).DEFAULT.meta["num_params"] / 1e6
+    except Exception:  # no weights registered
+        return None
+
+
 def build(name: str, family: str) -> nn.Module:
     import torchvision.models as tvm
 
@@ -355,6 +365,8 @@ def main() -> None:
     ap.add_argument("--models", default="", help="comma-separated names (default: every model of the families)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model")
+    ap.add_argument("--max-params", type=float, default=0,
+                    help="skip models with more parameters (millions, from torchvision's weight metadata); 0 = none")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
     ap.add_argument("--no-per-tensor", dest="per_tensor", action="store_false")
     ap.add_argument("--out", default="results/zoo.json")
@@ -383,6 +395,12 @@ def main() -> None:
         todo = [(n, fam) for fam in args.families.split(",") for n in list_family(fam) if not wanted or n in wanted]
         for i, (name, fam) in enumerate(todo):
             print(f"[{i + 1}/{len(todo)}] {fam} {name} ...", flush=True)
+            params = num_params_m(name)
+            if args.max_params and params is not None and params > args.max_params:
+                row = {"model": name, "family": fam, "size": args.size, "params_m": params, "seconds": 0,
+                       "note": f"not run: {params:.0f} M parameters > --max-params {args.max_params:g}"}
+                rows = [r for r in rows if r["model"] != name] + [row]
+                continue
             t = time.perf_counter()
             cmd = [sys.executable, __file__, "--one", name, fam, "--size", str(args.size)]
             cmd += [] if args.speed else ["--no-speed"]
