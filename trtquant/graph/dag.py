@@ -87,6 +87,10 @@ def residual_split(dag: Dag[N], add: N) -> Optional[ResidualSplit[N]]:
     conv on the skip path), the branch is the input with the longer path to the lowest common
     ancestor; the LCA is the common ancestor with the smallest (sum, max) of the two distances, then
     the latest in topological order; equal paths make input 1 the identity (``out += identity``).
+
+    "Residual" means a Conv+Add fusion candidate: an Add whose branch reaches its layer through a
+    permute or a Mul by a tensor (torchvision's ConvNeXt, SE-ResNet's SE-scaled branch end) is a plain
+    elementwise layer to TensorRT and gets None (docs/graph-model.md, "Which Adds are residual").
     """
     ins = dag.inputs(add)
     if dag.op(add) != "Add" or len(ins) != 2 or ins[0] == ins[1]:

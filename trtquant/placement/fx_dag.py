@@ -2,11 +2,15 @@
 
 PyTorch modules, functions and methods map onto the canonical (ONNX) op names of
 :mod:`trtquant.graph.ops`; parameters and buffers (``get_attr``) and Python constants are not data
-inputs; ``TensorQuantizer`` calls are looked through (they become Q/DQ pairs in ONNX).
+inputs, and neither is a value computed from them alone (``self.gamma.reshape(1, -1, 1, 1)``) or from
+shapes only (a drop-path mask ``x.new_empty(shape).bernoulli_(p)``); ``TensorQuantizer`` calls are looked
+through (they become Q/DQ pairs in ONNX). ``x * f(x)`` with ``f`` built from gate functions of ``x``
+(SiLU/HardSwish/Mish written out) is one ``SelfGated`` activation, as in the ONNX adapter.
 """
 
 from __future__ import annotations
 
+import builtins
 import operator
 from collections.abc import Mapping
 from typing import Any, Optional, TypeGuard
@@ -54,6 +58,8 @@ BINARY_FUNCTIONS: Mapping[Any, str] = {
     operator.sub: "Sub", operator.isub: "Sub", torch.sub: "Sub",
     operator.mul: "Mul", operator.imul: "Mul", torch.mul: "Mul",
     operator.truediv: "Div", operator.itruediv: "Div", torch.div: "Div",
+    torch.Tensor.add: "Add", torch.Tensor.add_: "Add", torch.Tensor.sub: "Sub", torch.Tensor.mul: "Mul",
+    torch.Tensor.mul_: "Mul", torch.Tensor.div: "Div",
 }
 BINARY_METHODS: Mapping[str, str] = {"add": "Add", "add_": "Add", "sub": "Sub", "sub_": "Sub", "mul": "Mul",
                                      "mul_": "Mul", "div": "Div", "div_": "Div"}
@@ -66,9 +72,28 @@ FUNCTION_OPS: Mapping[Any, str] = {
     F.avg_pool1d: "AveragePool", F.avg_pool2d: "AveragePool", F.avg_pool3d: "AveragePool",
     F.adaptive_avg_pool1d: "AveragePool", F.adaptive_avg_pool2d: "AveragePool", F.adaptive_avg_pool3d: "AveragePool",
     torch.flatten: "Flatten", F.softmax: "Softmax", torch.softmax: "Softmax", F.layer_norm: "LayerNormalization",
+    torch.erf: "Erf", F.softplus: "Softplus", F.tanh: "Tanh", F.dropout1d: "Dropout", F.dropout2d: "Dropout",
+    F.dropout3d: "Dropout", F.alpha_dropout: "Dropout", torch.clip: "Clip", torch.clamp_min: "Clip",
+    torch.transpose: "Transpose", torch.permute: "Transpose", torch.reshape: "Reshape",
 }
-METHOD_OPS: Mapping[str, str] = {"relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid", "clamp": "Clip",
-                                 "flatten": "Flatten", "view": "Reshape", "reshape": "Reshape", "softmax": "Softmax"}
+METHOD_OPS: Mapping[str, str] = {
+    "relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid", "sigmoid_": "Sigmoid", "tanh": "Tanh", "erf": "Erf",
+    "clamp": "Clip", "clamp_": "Clip", "clip": "Clip", "clamp_min": "Clip", "clamp_min_": "Clip",
+    "flatten": "Flatten", "view": "Reshape", "reshape": "Reshape", "softmax": "Softmax",
+    "permute": "Transpose", "transpose": "Transpose",
+    # No-ops in the exported graph (memory layout only): the walk goes through them like ONNX, which has none.
+    "contiguous": "Identity",
+}
+
+#: Results that depend on their input's shape, dtype or device only, never on its values: a drop-path mask
+#: (``x.new_empty(shape).bernoulli_(p)``, ``torch.empty(size, device=x.device)``) scales a branch like a
+#: constant, and is gone from an eval-mode export.
+SHAPE_ONLY_FUNCTIONS = frozenset({torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
+                                  torch.rand_like, torch.randn_like})
+SHAPE_ONLY_METHODS = frozenset({"size", "dim", "new_empty", "new_zeros", "new_ones", "new_full"})
+SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
+#: How far back :func:`is_constant` looks; constant sub-expressions (a reshaped parameter) are short.
+CONSTANT_DEPTH = 12
 
 
 #: Modules of other libraries, by class name (no import needed): drop-path variants are the identity
@@ -87,8 +112,24 @@ def module_op(m: Optional[nn.Module]) -> str:
     return MODULE_NAME_OPS.get(type(m).__name__, type(m).__name__)
 
 
+def is_constant(n: fx.Node, depth: int = CONSTANT_DEPTH) -> bool:
+    """Whether ``n``'s value does not depend on the input data: parameters and buffers, what is computed
+    from them alone (``self.gamma.reshape(1, -1, 1, 1)``), and shape-only values (see
+    :data:`SHAPE_ONLY_FUNCTIONS`); ONNX folds the first kind into initializers too."""
+    if n.op == "get_attr":
+        return True
+    if n.op not in ("call_function", "call_method") or depth <= 0:
+        return False
+    if n.op == "call_function" and (n.target in SHAPE_ONLY_FUNCTIONS or (
+            n.target is builtins.getattr and len(n.args) > 1 and n.args[1] in SHAPE_ATTRIBUTES)):
+        return True
+    if n.op == "call_method" and n.target in SHAPE_ONLY_METHODS:
+        return True
+    return all(is_constant(a, depth - 1) for a in n.all_input_nodes)
+
+
 def _is_data(a: Any) -> TypeGuard[fx.Node]:
-    return isinstance(a, fx.Node) and a.op != "get_attr"
+    return isinstance(a, fx.Node) and not is_constant(a)
 
 
 def _binary(n: fx.Node) -> Optional[str]:
@@ -113,17 +154,21 @@ class FxDag:
     def __init__(self, graph: fx.Graph, modules: Mapping[str, nn.Module]) -> None:
         self.modules = modules
         self._order = {n: i for i, n in enumerate(graph.nodes)}
+        self._gated: dict[fx.Node, Optional[fx.Node]] = {}
 
     def module(self, n: fx.Node) -> Optional[nn.Module]:
         return self.modules.get(str(n.target)) if n.op == "call_module" else None
 
     def _data_args(self, n: fx.Node) -> list[fx.Node]:
         if _binary(n) is not None:
+            gated = self._gated_input(n)
+            if gated is not None:
+                return [gated]
             return [a for a in n.args[:2] if _is_data(a)]
         if n.op == "call_function" and n.target in (torch.cat, torch.concat) and n.args:
             seq = n.args[0] if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
             return [a for a in seq if _is_data(a)]
-        return [a for a in n.all_input_nodes if a.op != "get_attr"]
+        return [a for a in n.all_input_nodes if _is_data(a)]
 
     def _look_through(self, a: fx.Node) -> tuple[fx.Node, Optional[str]]:
         q = None
@@ -141,7 +186,7 @@ class FxDag:
             return module_op(self.module(n))
         binary = binary_op(n)
         if binary is not None:
-            return binary
+            return ops.SELF_GATED if binary == "Mul" and self._gated_input(n) is not None else binary
         if n.op == "call_function":
             name = getattr(n.target, "__name__", str(n.target))
             return FUNCTION_OPS.get(n.target) or FUNCTION_NAME_OPS.get(name, name)
@@ -155,9 +200,44 @@ class FxDag:
     def order(self, n: fx.Node) -> int:
         return self._order.get(n, -1)
 
+    # --- self-gated activations written out: x * sigmoid(x), x * relu6(x + 3) / 6 ---------------
+    def _gated_input(self, n: fx.Node) -> Optional[fx.Node]:
+        """``x`` when ``n`` is ``x * f(x)`` with ``f`` built from gate functions and constants, else None."""
+        if binary_op(n) != "Mul":
+            return None
+        if n not in self._gated:
+            self._gated[n] = None
+            for k in (0, 1):
+                x, gate = n.args[k], n.args[1 - k]
+                if isinstance(x, fx.Node) and isinstance(gate, fx.Node) and self._derives_elementwise(gate, x):
+                    self._gated[n] = x
+                    break
+        return self._gated[n]
+
+    def _derives_elementwise(self, n: fx.Node, x: fx.Node, depth: int = 0) -> bool:
+        if depth > 8:
+            return False
+        n = self._look_through(n)[0]
+        if binary_op(n) == ops.AFFINE:
+            op = ops.AFFINE
+        elif n.op == "call_module":
+            op = module_op(self.module(n))
+        elif n.op == "call_function":
+            op = FUNCTION_OPS.get(n.target, "")
+        elif n.op == "call_method":
+            op = METHOD_OPS.get(str(n.target), "")
+        else:
+            return False
+        if op not in ops.GATE_FUNCTIONS and op != ops.AFFINE:
+            return False
+        data = [a for a in n.all_input_nodes if not is_constant(a)]
+        if len(data) != 1:
+            return False
+        return data[0] is x or self._derives_elementwise(data[0], x, depth + 1)
+
     def input_quantizers(self, n: fx.Node) -> list[Optional[str]]:
         """Per data input: the name of the TensorQuantizer it is read through, or None."""
         return [self._look_through(a)[1] for a in self._data_args(n)]
 
 
-__all__ = ["FxDag", "binary_op", "module_op"]
+__all__ = ["FxDag", "binary_op", "is_constant", "module_op"]
