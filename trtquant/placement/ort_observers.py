@@ -61,7 +61,7 @@ def add_output_observers_(model: nn.Module, graph: "fx.Graph | None" = None) -> 
         if hasattr(end, OUTPUT_OBSERVER):
             continue
         end_node = next(iter(n.users)) if end is not layer else n
-        readers = covering_quantizers(end_node, modules, _tensor_key)
+        readers = covering_quantizers(end_node, modules, _tensor_key, through_pools=True)
         if readers is not None and len(readers) == 1:
             continue
         desc = dataclasses.replace(layer.input_quantizer.quant_desc, axis=None, unsigned=False, calib_method="max")
@@ -125,17 +125,22 @@ def copies_q(n: fx.Node, modules: Dict[str, nn.Module]) -> bool:
 
 
 def covering_quantizers(v: fx.Node, modules: Dict[str, nn.Module], key: Callable[[TensorQuantizer], Hashable],
-                        depth: int = 0) -> Optional[Set[Hashable]]:
+                        depth: int = 0, through_pools: bool = False) -> Optional[Set[Hashable]]:
     """``key`` of each quantizer every path from ``v`` reaches through ops the ONNX Runtime graph copies a
     Q up through; None when a path reaches anything else (a float reader). ``key`` returns None for a
-    quantizer that gives no Q there (disabled, per-channel, not calibrated): that path is float too."""
+    quantizer that gives no Q there (disabled, per-channel, not calibrated): that path is float too.
+    ``through_pools``: a QuantMaxPool whose quantizer is off counts as the copy op it is (the graph
+    copies a Q up through a MaxPool that is its tensor's only reader, not one beside other readers)."""
     if depth > 64 or not v.users:
         return None
     found: Set[Hashable] = set()
     for u in v.users:
         m = modules.get(str(u.target)) if u.op == "call_module" else None
         if isinstance(m, QuantInputMixin) and u.args and u.args[0] is v and v not in u.args[1:]:
-            m = m.input_quantizer  # a quantized layer reads v through its own input quantizer
+            if through_pools and len(v.users) == 1 and not m.input_quantizer.is_enabled and copies_q(u, modules):
+                m = None  # a QuantMaxPool with its quantizer off (placement's MaxPool rule): a copy op
+            else:
+                m = m.input_quantizer  # a quantized layer reads v through its own input quantizer
         if isinstance(m, TensorQuantizer):
             k = None if str(u.target).endswith(OUTPUT_OBSERVER) or not gives_q(m) else key(m)
             if k is None:
@@ -144,7 +149,7 @@ def covering_quantizers(v: fx.Node, modules: Dict[str, nn.Module], key: Callable
             continue
         if not copies_q(u, modules):
             return None
-        below = covering_quantizers(u, modules, key, depth + 1)
+        below = covering_quantizers(u, modules, key, depth + 1, through_pools)
         if below is None:
             return None
         found |= below
