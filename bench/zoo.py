@@ -161,12 +161,16 @@ def chaos_floor(model: nn.Module, x: torch.Tensor, ref: List[np.ndarray], rel: f
 
 
 def _export_fp32(model: nn.Module, x: torch.Tensor, path: Path) -> None:
-    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["input"],
-                          dynamic_axes={"input": {0: "batch"}})
-    path.write_bytes(buf.getvalue())
+        try:
+            buf = io.BytesIO()
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["input"],
+                              dynamic_axes={"input": {0: "batch"}})
+            path.write_bytes(buf.getvalue())
+        except Exception:  # as for the INT8 graph: dynamo where TorchScript cannot
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
 
 
 def _latency_ms(path: Path, x: torch.Tensor, rounds: int, reps: int) -> float:
@@ -245,7 +249,13 @@ def one_model(name: str, family: str, size: int, workdir: Path, speed: bool, per
         x = images(family, 2, size, seed=3)
         stage = "export"
         trt_path = workdir / f"{name}_trt.onnx"
-        export_onnx(core, x, trt_path, exporter="legacy")
+        try:
+            exporter = "legacy"  # the faster exporter; dynamo where TorchScript cannot (AlexNet's 6x6
+            export_onnx(core, x, trt_path, exporter=exporter)  # adaptive pool from a 2x2 map)
+        except Exception as e:
+            row["note"] = f"legacy exporter failed ({str(e).splitlines()[0][:120]}); dynamo exporter used"
+            exporter = "dynamo"
+            export_onnx(core, x, trt_path, exporter=exporter)
         stage = "check"
         report = check_onnx(str(trt_path))
         by_rule: Dict[str, int] = {}
@@ -270,7 +280,7 @@ def one_model(name: str, family: str, size: int, workdir: Path, speed: bool, per
         row["chaos_floor"] = chaos_floor(core, x, ref)
         stage = "onnxruntime target"
         ort_path = workdir / f"{name}_ort.onnx"
-        export_onnx(core, x, ort_path, target="onnxruntime", exporter="legacy")
+        export_onnx(core, x, ort_path, target="onnxruntime", exporter=exporter)
         from trtquant.export.ort_flavor import ort_flavor_
 
         flavour = ort_flavor_(copy.deepcopy(core))
@@ -298,7 +308,7 @@ def one_model(name: str, family: str, size: int, workdir: Path, speed: bool, per
 
                 pt = detection_core(pt)
             pt_path = workdir / f"{name}_ort_pt.onnx"
-            export_onnx(pt, x, pt_path, target="onnxruntime", exporter="legacy")
+            export_onnx(pt, x, pt_path, target="onnxruntime", exporter=exporter)
             n8, nc = int8_conv_fraction(optimized_graph(pt_path))
             row["int8_convs_per_tensor"] = [n8, nc]
         if speed:
@@ -333,7 +343,8 @@ def _fmt(row: Dict[str, Any]) -> str:
     e2e, chaos = row.get("e2e"), row.get("chaos_floor")
     rules = ", ".join(f"{k} {v}" for k, v in sorted(row.get("checker_by_rule", {}).items())) or "-"
     speed = row.get("ort_speed")
-    note = row.get("note") or (f"failed at {row['failed_at']}: {row['error']}" if row.get("failed_at") else "")
+    note = "; ".join(x for x in (row.get("note"), f"failed at {row['failed_at']}: {row['error']}"
+                                  if row.get("failed_at") else None) if x)
     return (f"| {row['model']} | {row.get('quantizers', '-')} | {row.get('checker_errors', '-')} / "
             f"{row.get('checker_warnings', '-')} | {rules} | {tf_s(row.get('teacher_forced'))} | "
             f"{'-' if not e2e else format(e2e['cosine'], '.5f')} | {'-' if not chaos else format(chaos['cosine'], '.5f')} | "
