@@ -404,6 +404,8 @@ def main() -> None:
     if not args.table_only:
         wanted = [m for m in args.models.split(",") if m]
         todo = [(n, fam) for fam in args.families.split(",") for n in list_family(fam) if not wanted or n in wanted]
+        if wanted:  # in the order given (the most telling models first when time is short)
+            todo.sort(key=lambda t: wanted.index(t[0]))
         for i, (name, fam) in enumerate(todo):
             print(f"[{i + 1}/{len(todo)}] {fam} {name} ...", flush=True)
             params = num_params_m(name)
