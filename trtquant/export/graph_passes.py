@@ -57,7 +57,8 @@ def fold_weight_quantize(model: onnx.ModelProto) -> int:
 QDQ_ALIASES_KEY = "trtquant.qdq_aliases"
 
 
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set (or replace) one ``metadata_props`` entry of ``model``."""
     for p in model.metadata_props:
         if p.key == key:
             p.value = value
@@ -109,7 +110,7 @@ def dedupe_qdq(model: onnx.ModelProto) -> int:
     if not rename:
         return 0
     if aliases:  # which quantizers a kept Q node stands for (import_trt_cache maps amax back through it)
-        _set_metadata(model, QDQ_ALIASES_KEY, json.dumps(aliases, sort_keys=True))
+        set_metadata(model, QDQ_ALIASES_KEY, json.dumps(aliases, sort_keys=True))
     for i in drop:
         g.remove_node(i)
     for old, new in rename.items():

@@ -27,6 +27,7 @@ from onnx import helper
 
 from ..graph import ops
 from ..graph.index import GraphIndex
+from .graph_passes import set_metadata
 
 
 def fold_bn_scale(weight_scale: np.ndarray, gamma, beta, mean, var, eps: float, bias=None):
@@ -97,14 +98,6 @@ def float_op_types(g: GraphIndex) -> List[str]:
             continue
         found.update(c.op_type for c in _users(g, n.output[0]) if c.op_type not in ops.ORT_INT8_OPS)
     return sorted(found)
-
-
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    for p in model.metadata_props:
-        if p.key == key:
-            p.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
 
 
 def host_weight_dtype(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -303,7 +296,7 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
     g.toposort_()
     float_ops = float_op_types(g)
     stats["float_op_types"] = len(float_ops)
-    _set_metadata(model, FLOAT_OPS_KEY, ",".join(float_ops))
+    set_metadata(model, FLOAT_OPS_KEY, ",".join(float_ops))
     from .graph_passes import remove_unused_initializers
 
     remove_unused_initializers(model)
