@@ -9,10 +9,10 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[bench,accuracy,service,dev]'
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq -e '.[bench,accuracy,service,dev]'
 	# tensorrt-stubs declares a dependency on tensorrt, which cannot be installed here.
-	$(BIN)/python -m pip install -q --no-deps tensorrt-stubs
+	$(BIN)/python -m pip install -qq --no-deps tensorrt-stubs
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

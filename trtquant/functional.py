@@ -104,6 +104,7 @@ class FusedKernels:
         cache = self.cache
         fn = cache.get(key)
         if fn is None:
+            _import_compiler_quietly()
             # Dynamo caches compiled graphs per code object: a renamed copy of the code per signature
             # gives each its own cache (and recompile budget).
             code = ref.__code__.replace(co_name=f"{ref.__name__}_{len(cache)}")
@@ -118,6 +119,26 @@ class FusedKernels:
             logger.warning("fused fake-quant kernel unavailable for %s (%s: %s); using the unfused path",
                            key[0], type(e).__name__, str(e).splitlines()[0][:200])
             return ref(*args)
+
+
+def _import_compiler_quietly() -> None:
+    """Import inductor's C++ toolchain module with its CUDA_HOME notice silenced.
+
+    On a CPU-only machine with ``CUDA_HOME`` set, importing ``torch.utils.cpp_extension`` logs "No CUDA
+    runtime is found, using CUDA_HOME=..." - true and irrelevant to CPU kernels, and a raw log line in
+    the middle of the user's output. Only that import is silenced; later messages still show.
+    """
+    import sys
+
+    if "torch.utils.cpp_extension" in sys.modules:
+        return
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        log.setLevel(level)
 
 
 #: The process's compiled kernels (see :class:`FusedKernels`).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,20 @@ from pathlib import Path
 import pytest
 
 
+STDERR: list = []  # every run's stderr: the quiet-output checks read it
+
+
 def run(*args: str, cwd: Path, env=None, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "trtquant.cli.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+    STDERR.append(proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"trtquant {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 def test_cli_resnet18_onnxruntime_flow(tmp_path: Path) -> None:
+    STDERR.clear()
     run("quantize", "--model", "resnet18", "-o", "q.pt", cwd=tmp_path)
     out = run("calibrate", "q.pt", "--data", "random", "--num-batches", "2", "--batch-size", "2", "--size", "64",
               "--method", "percentile", "--quiet", "--cache", "calib.safetensors", "-o", "q_cal.pt", cwd=tmp_path)
@@ -52,6 +58,10 @@ def test_cli_resnet18_onnxruntime_flow(tmp_path: Path) -> None:
     cmp = json.loads((tmp_path / "cmp_ort.json").read_text())
     assert cmp["int8_conv_fraction"] == 1.0 and "20/20" in out.stdout and "ONNX Runtime flavour" in out.stdout
     assert cmp["outputs"][0]["cosine"] > 0.999
+    # A quiet run: no raw library log lines, warnings as one line without the source line under them.
+    err = "".join(STDERR)
+    assert "No CUDA runtime" not in err, err
+    assert not re.search(r"\.py:\d+: \w*Warning", err), err
 
 
 def test_cli_build_without_tensorrt_exits_2(tmp_path: Path) -> None:

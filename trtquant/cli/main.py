@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -369,9 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one readable line (category and message, which says what to do), no source line."""
+    print(f"warning ({category.__name__}): {message}", file=file or sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _run(a)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from ..errors import TensorRTNotAvailableError, TrtQuantError
 
