@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .calib.base import Calibrator
+from .calib.histogram import HistogramCalibrator
 from .calib.max import MaxCalibrator
 from .convert import name_quantizers
 from .errors import CalibrationError
@@ -281,6 +282,12 @@ def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = False
     """
     name_quantizers(model)
     end_shared_observations(quantizers(model).values())
+    # Every histogram's amax in one batch (a few large tensor operations); the loop below reads them.
+    histograms = [q._calibrator for q in quantizers(model).values()
+                  if q.is_enabled and isinstance(q._calibrator, HistogramCalibrator) and q._calibrator.num_batches
+                  and not q._calibrator.saw_nonfinite()]
+    if histograms:
+        HistogramCalibrator.precompute_amax(histograms, method, **method_kwargs)
     empty: List[str] = []
     nonfinite: List[str] = []
     zero: List[str] = []

@@ -11,7 +11,8 @@ The price: between num_bins/2 and num_bins bins lie below the maximum.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,10 @@ from . import _native
 from .base import Calibrator
 
 _TINY = 2.0 ** -100
+# Calibrators holding statistics whose amax has not been computed yet: a per-quantizer amax request
+# (pytorch-quantization's ``load_calib_amax`` loop) computes theirs in the same batch. Weak: a
+# calibrator that is garbage collected leaves the set by itself.
+_PENDING: "weakref.WeakSet[HistogramCalibrator]" = weakref.WeakSet()
 _FLT_MAX = 3.4028234663852886e38
 
 
@@ -80,8 +85,22 @@ class HistogramCalibrator(Calibrator):
         self._skip_zeros = skip_zeros
         self._hist: Optional[Tensor] = None
         self._range: Optional[Tensor] = None
+        self._amax_cache: Dict[tuple, Tensor] = {}  # (method, resolved kwargs) -> amax of the current histogram
+
+    def _statistics_changed(self) -> None:
+        self._amax_cache = {}
+        if self._hist is None:
+            _PENDING.discard(self)
+        else:
+            _PENDING.add(self)
 
     def collect(self, x: Tensor) -> None:
+        try:
+            self._collect(x)
+        finally:
+            self._statistics_changed()
+
+    def _collect(self, x: Tensor) -> None:
         x = x.detach()
         if x.dtype != torch.float32:
             x = x.float()
@@ -176,6 +195,7 @@ class HistogramCalibrator(Calibrator):
         super().reset()
         self._hist = None
         self._range = None
+        self._statistics_changed()
 
     @property
     def histogram(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -188,23 +208,80 @@ class HistogramCalibrator(Calibrator):
         edges = torch.arange(last + 1, device=self._hist.device, dtype=torch.float32) * width
         return self._hist[:last].clone(), edges
 
+    def _resolved(self, method: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The method's keyword arguments with this calibrator's num_bits/unsigned where not given."""
+        if method in ("mse", "entropy"):
+            return {"num_bits": self._num_bits, "unsigned": self._unsigned, **kwargs}
+        return dict(kwargs)
+
+    def _all_zero(self) -> bool:
+        # Every |x| seen was <= 2^-100: zeros (a zero-initialized layer). The bins would give a
+        # meaningless amax of ~1e-34 (scale 0 in fp16); 0 says "all zeros" and the quantizer
+        # replaces it with its ZERO_AMAX floor, as for a max-calibrated zero tensor.
+        return bool(self._range <= _TINY)
+
     def compute_amax(self, method: str = "percentile", **kwargs) -> Optional[Tensor]:
+        """amax by ``method`` from the histogram (None if nothing was collected).
+
+        Computed in one batch with every other calibrator whose amax is pending (see
+        :meth:`compute_amax_many`) and cached until the statistics change; the value is the
+        per-histogram function's (:mod:`trtquant.calib.methods`) exactly.
+        """
+        from .batched import cache_key
         from .methods import get_method
 
-        h = self.histogram
-        if h is None:
+        if self._hist is None:
             return None
-        hist, edges = h
         fn = get_method(method)  # an unknown method fails even on an all-zero histogram
-        if bool(self._range <= _TINY):
-            # Every |x| seen was <= 2^-100: zeros (a zero-initialized layer). The bins would give a
-            # meaningless amax of ~1e-34 (scale 0 in fp16); 0 says "all zeros" and the quantizer
-            # replaces it with its ZERO_AMAX floor, as for a max-calibrated zero tensor.
-            return torch.zeros((), dtype=torch.float32, device=hist.device)
-        if method in ("mse", "entropy"):
-            kwargs.setdefault("num_bits", self._num_bits)
-            kwargs.setdefault("unsigned", self._unsigned)
-        return fn(hist, edges, **kwargs).to(torch.float32)
+        if self._all_zero():
+            return torch.zeros((), dtype=torch.float32, device=self._hist.device)
+        resolved = self._resolved(method, kwargs)
+        key = cache_key(method, resolved)
+        if key is not None and key not in self._amax_cache:
+            pending = [c for c in list(_PENDING) if c is not self and not c._amax_cache]
+            HistogramCalibrator.precompute_amax([self] + pending, method, **kwargs)
+        if key is None or key not in self._amax_cache:  # unhashable arguments, or nothing counted
+            hist, edges = self.histogram
+            return fn(hist, edges, **resolved).to(torch.float32)
+        return self._amax_cache[key].clone()
+
+    @staticmethod
+    def precompute_amax(calibrators: Sequence["HistogramCalibrator"], method: str, **kwargs) -> None:
+        """Compute the amax of many calibrators at once (:mod:`trtquant.calib.batched`) into each one's
+        cache, where :meth:`compute_amax` then finds it.
+
+        Histograms are stacked per device and per resolved method arguments, so a model's quantizers
+        take a few large tensor operations instead of a chain of small ones each. An error (bad
+        argument, empty histogram) is raised for the first calibrator only; the others are left to
+        raise it when they are asked themselves.
+        """
+        from .batched import amax_batched, cache_key, stack_histograms
+        from .methods import get_method
+
+        get_method(method)
+        groups: Dict[tuple, List[HistogramCalibrator]] = {}
+        for cal in calibrators:
+            if cal._hist is None or cal._all_zero():
+                continue
+            key = cache_key(method, cal._resolved(method, kwargs))
+            if key is None or key in cal._amax_cache:
+                continue
+            groups.setdefault((cal._hist.device, key), []).append(cal)
+        first = calibrators[0] if calibrators else None
+        for (_, key), members in groups.items():
+            try:
+                members = [c for c in members if int(c._hist.count_nonzero())]
+                if not members:
+                    continue
+                stack = stack_histograms([c._hist for c in members], [c._range / c._num_bins for c in members])
+                amax = amax_batched(stack, method, **dict(key[1]))
+            except (TypeError, ValueError):
+                if first is not None and first in members:
+                    raise
+                continue
+            for cal, value in zip(members, amax.unbind(0)):
+                cal._amax_cache[key] = value
+                _PENDING.discard(cal)
 
     def state_dict(self) -> Dict[str, Tensor]:
         if self._hist is None:
@@ -224,6 +301,7 @@ class HistogramCalibrator(Calibrator):
             self._hist = hist.to(torch.int64).clone()
             self._range = state["range"].to(torch.float32).clone()
             self.num_batches = int(state.get("num_batches", torch.tensor(1)))
+        self._statistics_changed()
 
     def all_reduce_(self, group=None) -> None:
         import torch.distributed as dist
@@ -236,6 +314,7 @@ class HistogramCalibrator(Calibrator):
         self._hist = rebin(self._hist, self._range, rng.reshape(()))
         self._range = rng.reshape(())
         dist.all_reduce(self._hist, group=group)
+        self._statistics_changed()
         n = torch.tensor([self.num_batches], dtype=torch.int64, device=self._hist.device)
         dist.all_reduce(n, group=group)
         self.num_batches = int(n)
