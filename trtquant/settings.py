@@ -12,6 +12,7 @@ variable                             field                  meaning
 ``XDG_CACHE_HOME``                   ``xdg_cache_home``     cache root when ``TRTQUANT_CACHE_DIR`` unset
 ``TRTQUANT_FUSED_KERNELS``           ``fused_kernels``      ``0``: unfused fake-quant reference everywhere
 ``TRTQUANT_NATIVE_HISTOGRAM``        ``native_histogram``   ``0``: CPU histograms with torch.histc
+``TRTQUANT_REUSE_BUFFERS``           ``reuse_buffers``      ``0``: every large CPU fake-quant output is fresh
 ``CC``                               ``cc``                 C compiler for the native histogram kernel
 ``TRTQUANT_SERVICE_BACKEND``         ``service_backend``    build service backend: auto/tensorrt/onnxruntime
 ``TRTQUANT_SERVICE_TOKEN``           ``service_token``      build service bearer token (unset: no auth)
@@ -50,6 +51,7 @@ class TrtQuantSettings(BaseSettings):
                                            validation_alias=AliasChoices("XDG_CACHE_HOME", "xdg_cache_home"))
     fused_kernels: bool = True
     native_histogram: bool = True
+    reuse_buffers: bool = True
     cc: Optional[str] = Field(default=None, validation_alias=AliasChoices("CC", "cc"))
     service_backend: Optional[str] = None
     service_token: Optional[SecretStr] = None
@@ -58,7 +60,7 @@ class TrtQuantSettings(BaseSettings):
                                            "test_build_delay_s"),
         description="TEST HOOK: the build service sleeps this long before publishing each build")
 
-    @field_validator("fused_kernels", "native_histogram", mode="before")
+    @field_validator("fused_kernels", "native_histogram", "reuse_buffers", mode="before")
     @classmethod
     def _switch(cls, v: Any) -> Any:
         # As before: only an explicit off value turns a switch off; anything else leaves it on.

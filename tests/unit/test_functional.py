@@ -137,12 +137,15 @@ class _Calls:
     wrapped = 0
 
 
+_REFS = (F._qdq_reference, F._ste_reference, F._qdq_into, F._ste_into)
+
+
 def _count_compiled_kernel_calls(monkeypatch, name: str) -> _Calls:
-    """Wrap every compiled kernel ``name`` in the fused-kernel cache with a call counter (for this test)."""
+    """Wrap every compiled kernel ``name`` (or its into-a-buffer twin ``name_into``) in the fused-kernel cache
+    with a call counter (for this test)."""
     calls = _Calls()
-    refs = (F._qdq_reference, F._ste_reference)
     for key, fn in list(F.KERNELS.cache.items()):
-        if key[0] == name and fn not in refs:
+        if key[0] in (name, f"{name}_into") and fn not in _REFS:
             def counted(*args, _fn=fn):
                 calls.count += 1
                 return _fn(*args)
@@ -152,8 +155,7 @@ def _count_compiled_kernel_calls(monkeypatch, name: str) -> _Calls:
 
 
 def _kernel_cache_state() -> dict:
-    refs = (F._qdq_reference, F._ste_reference)
-    return {str(k[:2]): ("reference (compile failed)" if v in refs else "compiled") for k, v in F.KERNELS.cache.items()}
+    return {str(k[:2]): ("reference (compile failed)" if v in _REFS else "compiled") for k, v in F.KERNELS.cache.items()}
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +234,9 @@ def test_per_tensor_matches_onnxruntime_bit_for_bit(per_tensor_case, fused, monk
     if fused:
         # Compile (or find) the kernel for this signature on a slice, then count its uses on the full tensor:
         # a failed compile falls back to the unfused reference with only a log line, which must not pass here.
+        # The full tensor is large enough to be written into a reused buffer (its own "qdq_into" kernel).
         fake_quant(x[: 1 << 17], amax)
+        fake_quant(x, amax)
         calls = _count_compiled_kernel_calls(monkeypatch, "qdq")
         assert calls.wrapped, f"no compiled qdq kernel in the cache: {_kernel_cache_state()}"
     _assert_bits_equal(fake_quant(x, amax), y_ref, x)
