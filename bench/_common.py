@@ -60,6 +60,11 @@ def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, sync: Callable
     return times
 
 
+def allocator_tuned() -> bool:
+    """Whether the process runs with a tuned allocator (glibc tunables or a preloaded malloc)."""
+    return bool(os.environ.get("GLIBC_TUNABLES") or os.environ.get("LD_PRELOAD"))
+
+
 def ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
     return statistics.median(times[num]) / statistics.median(times[den])
 

@@ -101,4 +101,4 @@ def test_cuda_and_small_tensors_are_left_alone():
     with torch.no_grad():
         small = torch.randn(8)
         assert BUFFERS.acquire(small) is None
-    assert F.OutputBuffers.min_bytes == 1 << 24  # the class default: only allocations glibc maps fresh
+    assert F.OutputBuffers.min_bytes == 1 << 20  # the class default: allocations glibc may map fresh
