@@ -222,3 +222,17 @@ def test_load_calibration_goes_through_the_batch(tmp_path, monkeypatch):
     trtquant.compute_amax(model, "percentile", percentile=99.9)
     for name, q in _histogram_quantizers(model).items():
         assert torch.equal(_histogram_quantizers(fresh)[name].amax, q.amax), name
+
+
+def test_row_workers_give_the_same_answer_and_restore_threads(monkeypatch):
+    stack = batched.stack_histograms(*_varied(seed=9, rows=13))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # three workers even on a 2-core machine
+    try:
+        spread = batched.amax_batched(stack, "entropy")
+        assert torch.get_num_threads() == 3  # the caller's setting is back
+        monkeypatch.setattr(batched, "_MAX_ROW_WORKERS", 1)
+        single = batched.amax_batched(stack, "entropy")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(spread, single)
