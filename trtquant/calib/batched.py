@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .methods import _check_quant_args, _fake_quant_rows
+from .methods import _check_quant_args, _divergence, _fake_quant_rows
 
 __all__ = ["HistogramStack", "stack_histograms", "max_amax_batched", "percentile_amax_batched",
            "mse_amax_batched", "entropy_amax_batched", "amax_batched"]
@@ -227,17 +227,8 @@ def entropy_amax_batched(stack: HistogramStack, num_bits: int = 8, unsigned: boo
         tail = suffix_sum[:active].gather(1, index)
         g_last = torch.div((i - 1) * nbins, i, rounding_mode="floor")
         q_last = mean.gather(1, g_last.view(-1, 1, 1).expand(-1, 1, active)).view(b, active).T
-        r_last = b_last + tail
-        safe_b = torch.where(b_last > 0, b_last, 1.0)
-        correction = r_last * torch.log(torch.where(r_last > 0, r_last, 1.0)) - b_last * torch.log(
-            safe_b
-        ) - tail * torch.log(q_last)
-        correction = torch.where(tail > 0, correction, 0.0)
         mass = prefix_sum[:active].gather(1, index)
-        tot = total[:active]
-        kl = (inner + correction) / tot + torch.log(mass / tot)
-        infinite = ((b_last == 0) & (tail > 0)) | (mass == 0)
-        divergence[:active, b0: b0 + b] = torch.where(infinite, torch.inf, kl)
+        divergence[:active, b0: b0 + b] = _divergence(inner, b_last, tail, q_last, mass, total[:active])
 
     valid = (candidates >= starts.unsqueeze(1)) & (candidates <= lengths.unsqueeze(1)) & (
         (candidates - starts.unsqueeze(1)) % stride == 0)

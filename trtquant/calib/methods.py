@@ -174,6 +174,25 @@ def mse_amax(
     return centers[candidates[torch.argmin(mse)]]
 
 
+def _divergence(inner: Tensor, b_last: Tensor, tail: Tensor, q_last: Tensor, mass: Tensor, total: Tensor) -> Tensor:
+    """KL(P || Q) per candidate from the sum over its groups (``inner``) and its last bin.
+
+    The last bin of P also holds the tail beyond the candidate: its term is swapped for the lumped
+    one. ``mass`` is the sum of Q before normalisation. Element-wise, so the batched search
+    (:mod:`trtquant.calib.batched`) shares it and gets the same values.
+    """
+    r_last = b_last + tail
+    safe_b = torch.where(b_last > 0, b_last, 1.0)
+    correction = r_last * torch.log(torch.where(r_last > 0, r_last, 1.0)) - b_last * torch.log(
+        safe_b
+    ) - tail * torch.log(q_last)
+    correction = torch.where(tail > 0, correction, 0.0)
+    kl = (inner + correction) / total + torch.log(mass / total)
+    # P > 0 where Q == 0: the tail lands on an empty last bin, or Q is all zero.
+    infinite = ((b_last == 0) & (tail > 0)) | (mass == 0)
+    return torch.where(infinite, math.inf, kl)
+
+
 def entropy_amax(
     hist: Tensor,
     edges: Tensor,
@@ -248,17 +267,7 @@ def entropy_amax(
         tail = suffix_sum[i]
         g_last = torch.div((i - 1) * nbins, i, rounding_mode="floor")
         q_last = mean.gather(1, g_last.unsqueeze(1)).squeeze(1)
-        r_last = b_last + tail
-        safe_b = torch.where(b_last > 0, b_last, 1.0)
-        correction = r_last * torch.log(torch.where(r_last > 0, r_last, 1.0)) - b_last * torch.log(
-            safe_b
-        ) - tail * torch.log(q_last)
-        correction = torch.where(tail > 0, correction, 0.0)
-        mass = prefix_sum[i]  # sum of Q before normalisation
-        kl = (inner + correction) / total + torch.log(mass / total)
-        # P > 0 where Q == 0: the tail lands on an empty last bin, or Q is all zero.
-        infinite = ((b_last == 0) & (tail > 0)) | (mass == 0)
-        divergences.append(torch.where(infinite, math.inf, kl))
+        divergences.append(_divergence(inner, b_last, tail, q_last, prefix_sum[i], total))
     div = torch.cat(divergences)
     last_argmin = div.numel() - 1 - torch.argmin(div.flip(0))
     amax = edges32[candidates[last_argmin]]
