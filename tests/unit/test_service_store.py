@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +355,120 @@ def test_tensorrt_backend_glue_with_a_stubbed_builder(tmp_path: Path, monkeypatc
     assert out.layers["precision_counts"] == {"INT8": 1} and out.layers["not_int8_layers"] == []
     assert "onnx" not in out.metadata and "timing_cache_path" not in out.metadata["options"]
     assert any("build_engine(" in line for line in lines)
+
+
+# --------------------------------------------------------------------------- leases, full disk, eviction
+
+
+def test_claim_takes_a_lease_that_expiry_turns_into_a_failure(store: JobStore) -> None:
+    from trtquant.service.store import LEASE_EXPIRED_ERROR
+
+    key = key_of()
+    leader, waiter = new_job(store, key), new_job(store, key)
+    claimed = store.claim(leader.id, owner="host:1:a", lease_s=10.0)
+    assert claimed.lease_owner == "host:1:a" and claimed.lease_expires_at > claimed.started_at + 9
+    assert store.renew_leases({leader.id}, "host:2:b", 10.0) == set()  # only the owner renews
+    assert store.renew_leases({leader.id}, "host:1:a", 10.0) == {leader.id}
+    assert store.expire_leases(now=claimed.lease_expires_at - 1) == []
+    assert store.expire_leases(now=time.time() + 11) == [leader.id]
+    job = store.get(leader.id)
+    assert job.status == "failed" and job.error == LEASE_EXPIRED_ERROR and job.lease_expires_at is None
+    assert store.get(waiter.id).status == "failed" and leader.id in store.get(waiter.id).error
+    # a late report of the lost build neither revives the job nor loses its artifact
+    assert store.fail(leader.id, "RuntimeError: late", "log") is False
+    assert store.succeed(leader.id, record(key, leader.id), "log") is False
+    assert store.get(leader.id).status == "failed" and store.artifact(key) is not None
+
+
+def test_failure_is_recordable_when_the_database_is_full(store: JobStore) -> None:
+    """A full disk refuses the failure with its long log; the short write still fits, and the
+    refused transaction leaves the connection usable."""
+    job = new_job(store, key_of())
+    store.claim(job.id)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.fail(job.id, "OSError: [Errno 28] No space left on device", "x" * 200_000)
+    assert store.fail(job.id, "OSError: [Errno 28] No space left on device", None) is True
+    assert store.get(job.id).status == "failed"
+
+
+def test_old_database_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    from trtquant.service import store as store_mod
+
+    old_schema = store_mod._SCHEMA.replace(",\n    lease_owner TEXT,\n    lease_expires_at REAL", "").replace(
+        ",\n    last_used_at REAL", "")
+    assert "lease_owner" not in old_schema and "last_used_at" not in old_schema
+    conn.executescript(old_schema)
+    conn.close()
+    reopened = JobStore(path)
+    try:
+        job = new_job(reopened, key_of())
+        assert reopened.claim(job.id).lease_expires_at is not None
+    finally:
+        reopened.close()
+
+
+def published(store: JobStore, artifacts: ArtifactStore, key: str, used_at: float, size: int = 4) -> None:
+    """An artifact file of ``size`` bytes with its row, last used at ``used_at``."""
+    path = artifacts.path_for(key, ".onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    store.succeed(new_job_id(), record(key, new_job_id(), size=size), "")
+    store.touch_artifact(key, now=used_at)
+
+
+def test_eviction_takes_least_recently_used_first_and_keeps_pinned(store: JobStore, tmp_path: Path) -> None:
+    artifacts = ArtifactStore(tmp_path / "work", cache_max_bytes=10, cache_max_age_s=None)
+    k1, k2, k3, k4 = (key_of({"precision": p}) for p in ("int8", "fp16", "best", "x"))
+    pinned_job = new_job(store, k1)  # a queued build of k1: never evicted under it
+    for key, used in ((k1, 100.0), (k2, 300.0), (k3, 200.0), (k4, 400.0)):
+        published(store, artifacts, key, used)
+    assert store.cache_bytes() == 16
+    assert artifacts.evict(store) == [k3, k2]  # oldest use first, skipping pinned k1, down to <= 10 bytes
+    assert set(store.artifacts()) == {k1, k4} and store.cache_bytes() == 8
+    assert not artifacts.path_for(k3, ".onnx").exists() and not artifacts.path_for(k2, ".onnx").exists()
+    assert artifacts.path_for(k1, ".onnx").is_file() and artifacts.path_for(k4, ".onnx").is_file()
+    assert artifacts.evict(store) == []  # within the budget
+
+    tight = ArtifactStore(tmp_path / "work", cache_max_bytes=0, cache_max_age_s=None)
+    with tight.serving(k4):
+        assert tight.evict(store) == []  # k1 pinned by its job, k4 being served
+    store.fail(pinned_job.id, "RuntimeError: x", "")
+    assert tight.evict(store, keep={k4}) == [k1]
+    new_job(store, k4)  # a cache hit is final: it does not pin
+    assert tight.evict(store) == [k4] and store.artifacts() == {}
+    assert not list(artifacts.cache.rglob("*.onnx"))
+
+
+def test_eviction_by_idle_age_and_disabled_limits(store: JobStore, tmp_path: Path) -> None:
+    artifacts = ArtifactStore(tmp_path / "work", cache_max_bytes=None, cache_max_age_s=50)
+    old, recent = key_of(), key_of({"precision": "fp16"})
+    published(store, artifacts, old, 100.0)
+    published(store, artifacts, recent, 400.0)
+    assert ArtifactStore(tmp_path / "work", cache_max_bytes=None, cache_max_age_s=None).evict(store, now=450.0) == []
+    assert artifacts.evict(store, now=450.0) == [old]
+    assert store.artifacts() == {recent: ".onnx"}
+    hit = new_job(store, recent)  # a cache hit is a use: the idle clock restarts
+    assert hit.cache_hit and artifacts.evict(store, now=time.time() + 40) == []
+
+
+def test_eviction_drops_the_row_before_the_file(store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the file cannot be removed (or the process dies in between), the index no longer
+    names it and start-up reconcile deletes the orphan: never a row without its file."""
+    artifacts = ArtifactStore(tmp_path / "work", cache_max_bytes=0, cache_max_age_s=None)
+    key = key_of()
+    published(store, artifacts, key, 1.0)
+    path = artifacts.path_for(key, ".onnx")
+
+    def unlink_fails(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink_fails)
+    assert artifacts.evict(store) == [key]
+    monkeypatch.undo()
+    assert store.artifact(key) is None and path.is_file()
+    artifacts.reconcile(store.artifacts(), set())
+    assert not path.exists()

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="engine-build HTTP service")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--db", default=None, help="SQLite job database (default: <workdir>/jobs.sqlite)")
+    s.add_argument("--db", default=None, help="SQLite job database (default: <workdir>/jobs.db)")
     s.add_argument("--workdir", default="trtquant-service")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--max-upload-mb", type=int, default=512)

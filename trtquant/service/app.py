@@ -4,10 +4,13 @@ Endpoints (OpenAPI UI at ``/docs``, schema at ``/openapi.json``):
 
 * ``POST /v1/builds`` — multipart form: ``file`` (the ONNX, one file, no external data) and
   ``options`` (a JSON object, see :class:`~trtquant.service.jobs.BuildOptions`; optional).
-  202 ``{"id", "status", "cache_hit", "key", "url"}``. 401 bad/missing token, 413 upload
-  over the limit, 415 not multipart, 422 malformed form, unknown or invalid options,
-  unparseable ONNX, ``check_onnx`` errors (``findings`` in the body), shapes that do not
-  fit the model. Nothing is stored and no job is created on any 4xx.
+  202 ``{"id", "status", "cache_hit", "key", "url"}``. 401 bad/missing token, 408 upload
+  stalled (no bytes for ``upload_read_timeout_s``), 413 upload over the limit or a model
+  whose tensors exceed the memory budget, 415 not multipart, 422 malformed form, unknown or
+  invalid options, unparseable ONNX, ``check_onnx`` errors (``findings`` in the body), a
+  float model without Q/DQ (unless ``allow_float``), shapes that do not fit the model;
+  507/503 when the service's own storage is full or not writable. Nothing is stored and no
+  job is created on any 4xx/5xx.
 * ``GET /v1/builds/{id}`` — status (``queued``/``running``/``succeeded``/``failed``), error,
   build log (live while running), timestamps, backend, ``cache_hit``/``built``.
 * ``GET /v1/builds/{id}/artifact`` — the engine (TensorRT) or the ORT-optimized ONNX;
@@ -25,21 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -74,6 +81,19 @@ class ServiceConfig:
         backend: ``"auto"``, ``"tensorrt"`` or ``"onnxruntime"`` (None: ``$TRTQUANT_SERVICE_BACKEND`` or auto).
         build_delay_s: test hook (``$TRTQUANT_SERVICE_TEST_BUILD_DELAY_S``): sleep before publishing.
         validate_concurrency: uploads parsed/validated at the same time (CPU and memory bound).
+        upload_read_timeout_s: longest wait for the next chunk of an upload (408 after it): a
+            stalled client must not hold a connection and a partial file forever.
+        max_tensor_elements: largest tensor a model may declare (inputs at their largest
+            profile shape, initializers, constant-shaped ConstantOfShape/Expand/Tile/Range
+            outputs); checked before anything is allocated, so a tiny upload cannot make a
+            build allocate gigabytes (413 above).
+        max_graph_bytes: the same tensors' total size (413 above).
+        lease_s: a running build's lease; the watchdog fails a build whose lease ran out (its
+            thread or process is gone) and releases the submissions waiting on it.
+        cache_max_bytes, cache_max_age_s: artifact cache eviction, least recently used first,
+            never an artifact a job still needs or a download in progress (None: no limit).
+        reference_input_budget_bytes: largest input set the ONNX Runtime reference run draws
+            (the build fails with a clear message above it, before allocating).
     """
 
     workdir: Path
@@ -84,6 +104,13 @@ class ServiceConfig:
     backend: str | None = None
     build_delay_s: float = 0.0
     validate_concurrency: int = 2
+    upload_read_timeout_s: float = 60.0
+    max_tensor_elements: int = 1 << 26
+    max_graph_bytes: int = 4 << 30
+    lease_s: float = 60.0
+    cache_max_bytes: int | None = 10 << 30
+    cache_max_age_s: float | None = 30 * 86400.0
+    reference_input_budget_bytes: int | None = 1 << 30
 
     @classmethod
     def from_env(cls, workdir: str | os.PathLike[str], **kwargs: Any) -> ServiceConfig:
@@ -95,10 +122,40 @@ class ServiceConfig:
 
 
 class _Rejected(Exception):
+    """An error response (4xx, or 5xx for the service's own faults) raised from anywhere in a submission."""
+
     def __init__(self, status: int, detail: Any, **extra: Any) -> None:
         super().__init__(str(detail))
         self.status = status
         self.body = {"detail": detail, **extra}
+
+    def response(self) -> JSONResponse:
+        """The JSON response; a body that JSON cannot hold (NaN, bytes) falls back to the detail alone
+        rather than failing mid-response (the client would see a dropped connection)."""
+        try:
+            return JSONResponse(self.body, status_code=self.status)
+        except (TypeError, ValueError):
+            return JSONResponse({"detail": str(self.body["detail"])}, status_code=self.status)
+
+
+class _UploadStalled(Exception):
+    """No upload bytes arrived within ``upload_read_timeout_s``."""
+
+
+_STORAGE_FULL = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
+_STORAGE_READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _storage_fault(exc: OSError, doing: str) -> _Rejected:
+    """A 507/503 for an OSError of the service's own storage. The client learns what failed, never
+    where: OSError messages carry server paths, so those go to the server log only."""
+    _LOG.error("storage fault while %s: %s", doing, exc)
+    if exc.errno in _STORAGE_FULL:
+        return _Rejected(507, f"the service's storage is full ({doing}); try again later or ask the operator")
+    if exc.errno in _STORAGE_READ_ONLY or isinstance(exc, PermissionError):
+        return _Rejected(503, f"the service's storage is not writable ({doing}); ask the operator")
+    code = errno.errorcode.get(exc.errno or 0, "I/O error")
+    return _Rejected(503, f"the service's storage failed ({doing}: {code}); try again later")
 
 
 def _multipart() -> tuple[Any, Any]:
@@ -169,16 +226,25 @@ class _MultipartSink:
         if name == "file":
             raw = params.get(b"filename")
             self.filename = _safe_filename(raw.decode("utf-8", "replace") if raw else None)
-            self._handle = open(self.file_path, "xb", buffering=1 << 20)
+            try:
+                self._handle = self._open_file()
+            except OSError as exc:
+                raise _storage_fault(exc, "storing the upload") from None
         else:
             self.options = bytearray()
+
+    def _open_file(self) -> Any:
+        return open(self.file_path, "xb", buffering=1 << 20)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
         if self._current == "file":
             self.sha.update(chunk)
             self.file_bytes += len(chunk)
-            self._handle.write(chunk)
+            try:
+                self._handle.write(chunk)
+            except OSError as exc:
+                raise _storage_fault(exc, "storing the upload") from None
         elif self._current == "options" and self.options is not None:
             self.options += chunk
             if len(self.options) > MAX_OPTIONS_BYTES:
@@ -186,8 +252,11 @@ class _MultipartSink:
 
     def _part_end(self) -> None:
         if self._current == "file" and self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            try:
+                handle.close()  # flushes the buffer: a full disk often shows only here
+            except OSError as exc:
+                raise _storage_fault(exc, "storing the upload") from None
         self._current = None
 
     def _end(self) -> None:
@@ -199,9 +268,12 @@ class _MultipartSink:
         self.parser.write(chunk)
 
     def close(self) -> None:
+        """Close an upload abandoned mid-part (error paths only: the file is deleted next), so a
+        failing flush must not replace the response already chosen."""
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            with contextlib.suppress(OSError):
+                handle.close()
 
 
 class _CheckCache:
@@ -234,9 +306,273 @@ class _CheckCache:
             return result
 
 
-def _validate_onnx(path: Path, options: BuildOptions) -> tuple[dict[str, Any], bool, dict[str, Any]]:
-    """Parse the upload and run ``check_onnx``: (report dict, ok, {input: dims}); raises _Rejected
-    when the file is not a self-contained ONNX model."""
+def _options_error(error: Any) -> dict[str, Any]:
+    """One pydantic error as plain JSON (no ``input``/``ctx``: they can hold bytes, NaN or exceptions)
+    with ``field``, the dotted option name (``options`` for the whole form field)."""
+    loc = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
+    field = ".".join(str(part) for part in loc) or "options"
+    value, msg = error.get("input"), str(error.get("msg", "invalid"))
+    if error.get("type") == "model_type" and not loc:
+        msg = f"must be a JSON object, got {type(value).__name__ if value is not None else 'null'}"
+    elif isinstance(value, float) and not math.isfinite(value):
+        msg = f"{msg} (got {value}: NaN, Infinity and numbers beyond the float range such as 1e400 are not accepted)"
+    return {"type": str(error.get("type", "")), "loc": loc, "field": field, "msg": msg}
+
+
+def _parse_options(raw: bytes | None) -> BuildOptions:
+    """The ``options`` form field as BuildOptions; every client mistake in it (not UTF-8, not JSON,
+    not an object, NaN/Infinity, unknown or invalid values) is a 422 that names the field."""
+    data = raw or b"{}"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Rejected(422, f"form field 'options' is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                             f"{exc.start}); send a JSON object") from None
+    try:
+        return BuildOptions.model_validate_json(data)
+    except ValidationError as exc:
+        errors = [_options_error(error) for error in exc.errors(include_url=False)]
+        summary = "; ".join(f"{e['field']}: {e['msg']}" for e in errors[:5])
+        raise _Rejected(422, f"invalid build options: {summary}", errors=errors) from None
+
+
+@dataclass(frozen=True)
+class _BudgetTensor:
+    """One tensor the build would hold in memory, sized from the graph alone."""
+
+    kind: str
+    name: str
+    shape: tuple[int, ...]
+    elem_type: int
+    elements: int
+    bytes: int
+
+
+#: Ops whose output size comes from constant inputs rather than from bytes in the upload.
+_GENERATOR_OPS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range"})
+#: Constants up to this many elements are read (shape vectors, scalars); larger ones only sized.
+_SMALL_CONSTANT = 64
+
+
+def _itemsize(elem_type: int) -> int:
+    from onnx import helper
+
+    try:
+        return max(1, int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize))
+    except Exception:  # UNDEFINED or a type numpy does not know: assume 4 bytes
+        return 4
+
+
+def _product(dims: Any) -> int:
+    return math.prod(int(d) for d in dims)
+
+
+def _budget_tensor(kind: str, name: str, shape: Any, elem_type: int) -> _BudgetTensor:
+    shape = tuple(int(d) for d in shape)
+    elements = _product(shape)
+    return _BudgetTensor(kind, name, shape, elem_type, elements, elements * _itemsize(elem_type))
+
+
+def _input_budget_shapes(proto: Any, options: BuildOptions) -> dict[str, tuple[list[int], int]]:
+    """Each graph input at the largest shape a build uses: static dims as declared, dynamic ones at
+    the profile's ``max`` (1 without a profile). {name: (dims, elem_type)}."""
+    initializers = {t.name for t in proto.graph.initializer}
+    shapes: dict[str, tuple[list[int], int]] = {}
+    for value in proto.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        tensor_type = value.type.tensor_type
+        profile = options.shapes.get(value.name)
+        if not tensor_type.HasField("shape"):
+            if profile is not None:
+                shapes[value.name] = (list(profile.max), tensor_type.elem_type)
+            continue
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+        largest = list(profile.max) if profile is not None and len(profile.max) == len(declared) else [1] * len(declared)
+        shapes[value.name] = ([d if d is not None else m for d, m in zip(declared, largest)], tensor_type.elem_type)
+    return shapes
+
+
+def _small_constants(proto: Any) -> dict[str, Any]:
+    """Values of the top-level graph's small constants (initializers and Constant nodes): the shape,
+    repeat and range inputs the generator ops read. Large ones are never materialized."""
+    from onnx import numpy_helper
+
+    values: dict[str, Any] = {}
+
+    def read(name: str, tensor: Any) -> None:
+        if _product(tensor.dims) <= _SMALL_CONSTANT and tensor.data_location != 1:  # not EXTERNAL
+            with contextlib.suppress(Exception):
+                values[name] = numpy_helper.to_array(tensor)
+
+    for tensor in proto.graph.initializer:
+        read(tensor.name, tensor)
+    for node in proto.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        for attr in node.attribute:
+            if attr.name == "value" and attr.HasField("t"):
+                read(node.output[0], attr.t)
+            elif attr.name == "value_int":
+                values[node.output[0]] = np.array(attr.i, np.int64)
+            elif attr.name == "value_ints" and len(attr.ints) <= _SMALL_CONSTANT:
+                values[node.output[0]] = np.array(list(attr.ints), np.int64)
+            elif attr.name == "value_float":
+                values[node.output[0]] = np.array(attr.f, np.float32)
+    return values
+
+
+def _inferred_shapes(proto: Any, input_shapes: dict[str, tuple[list[int], int]]) -> dict[str, tuple[list[int] | None, int]]:
+    """ONNX shape inference on a skeleton of the graph: inputs pinned to their budget shapes, large
+    constants replaced by inputs of the same type and shape (so nothing big is copied or read).
+    {tensor: (dims, or None where not fully static; elem_type)}; {} when inference fails."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.GraphProto(name=proto.graph.name)
+    constant_inputs: list[Any] = []
+    for node in proto.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
+                and _product(value.dims) > _SMALL_CONSTANT and node.output):
+            constant_inputs.append(helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims)))
+        else:
+            graph.node.append(node)
+    for tensor in proto.graph.initializer:
+        if _product(tensor.dims) <= _SMALL_CONSTANT:
+            graph.initializer.append(tensor)
+        else:
+            constant_inputs.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    for sparse in proto.graph.sparse_initializer:
+        constant_inputs.append(helper.make_tensor_value_info(sparse.values.name, sparse.values.data_type,
+                                                             list(sparse.dims)))
+    for name, (dims, elem_type) in input_shapes.items():
+        graph.input.append(helper.make_tensor_value_info(name, elem_type, dims))
+    graph.input.extend(constant_inputs)
+    graph.output.extend(proto.graph.output)
+    skeleton = onnx.ModelProto(ir_version=proto.ir_version)
+    skeleton.opset_import.extend(proto.opset_import)
+    skeleton.functions.extend(proto.functions)
+    skeleton.graph.CopyFrom(graph)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # a graph inference cannot follow: the own evaluation below still runs
+        _LOG.debug("shape inference for the memory budget failed: %s", exc)
+        return {}
+    shapes: dict[str, tuple[list[int] | None, int]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+        tensor_type = value.type.tensor_type
+        known: list[int] | None = None
+        if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            static = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+            known = static if all(d >= 0 for d in static) else None
+        shapes[value.name] = (known, tensor_type.elem_type)
+    return shapes
+
+
+def _generator_shape(node: Any, constants: dict[str, Any],
+                     shapes: dict[str, tuple[list[int] | None, int]]) -> tuple[list[int], int] | None:
+    """The output (dims, elem_type) of a ConstantOfShape/Expand/Tile/Range whose size inputs are
+    constants, worked out here where shape inference gives up (Expand, Range); None if unknown."""
+    def const(index: int) -> Any:
+        return constants.get(node.input[index]) if len(node.input) > index else None
+
+    def data_shape() -> tuple[list[int] | None, int]:
+        return shapes.get(node.input[0], (None, 1)) if node.input else (None, 1)
+
+    try:
+        if node.op_type == "ConstantOfShape":
+            dims = const(0)
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if dims is None or dims.ndim != 1 or (dims < 0).any():
+                return None
+            return [int(d) for d in dims], value.data_type if value is not None else 1
+        if node.op_type in ("Expand", "Tile"):
+            size = const(1)
+            if size is None or size.ndim != 1 or (size < 0).any():
+                return None
+            in_dims, elem_type = data_shape()
+            if node.op_type == "Tile":  # unknown input shape: at least the repeats
+                base = in_dims if in_dims is not None and len(in_dims) == len(size) else [1] * len(size)
+                return [int(b) * int(r) for b, r in zip(base, size)], elem_type
+            base = in_dims or []  # Expand: numpy broadcast of the input shape and the given shape
+            rank = max(len(base), len(size))
+            padded = [1] * (rank - len(base)) + list(base), [1] * (rank - len(size)) + [int(d) for d in size]
+            return [max(int(a), int(b)) for a, b in zip(*padded)], elem_type
+        if node.op_type == "Range":
+            start, limit, delta = const(0), const(1), const(2)
+            if start is None or limit is None or delta is None or float(delta) == 0:
+                return None
+            span = (float(limit) - float(start)) / float(delta)
+            count = math.ceil(span) if math.isfinite(span) else 1 << 62
+            from onnx import helper
+
+            elem_type = helper.np_dtype_to_tensor_dtype(np.asarray(start).dtype)
+            return [max(0, count)], elem_type
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None
+
+
+def _budget_tensors(proto: Any, options: BuildOptions) -> list[_BudgetTensor]:
+    """Every tensor whose size the graph fixes before a build allocates anything: inputs at their
+    largest shapes, initializers and constants (dense size of sparse ones), and the outputs of
+    ConstantOfShape/Expand/Tile/Range with constant size inputs."""
+    from trtquant.graph.walk import all_tensors
+
+    input_shapes = _input_budget_shapes(proto, options)
+    tensors = [_budget_tensor("input", name, dims, elem_type) for name, (dims, elem_type) in input_shapes.items()]
+    initializers = {t.name for t in proto.graph.initializer}
+    for tensor in all_tensors(proto.graph):  # sparse ones: their stored values and indices here, dense size below
+        kind = "initializer" if tensor.name in initializers else "constant"
+        tensors.append(_budget_tensor(kind, tensor.name or "(unnamed)", tensor.dims, tensor.data_type))
+    for sparse in proto.graph.sparse_initializer:
+        tensors.append(_budget_tensor("sparse initializer", sparse.values.name, sparse.dims, sparse.values.data_type))
+    generators = [n for n in proto.graph.node if n.op_type in _GENERATOR_OPS and n.domain in ("", "ai.onnx") and n.output]
+    if generators:
+        shapes = _inferred_shapes(proto, input_shapes)
+        constants = _small_constants(proto)
+        for node in generators:
+            dims, elem_type = shapes.get(node.output[0], (None, 0))
+            own = _generator_shape(node, constants, shapes)
+            if dims is None and own is None:
+                continue
+            if dims is None or (own is not None and _product(own[0]) > _product(dims)):
+                dims, elem_type = own  # type: ignore[misc]
+            tensors.append(_budget_tensor(f"{node.op_type} output", node.output[0], dims, elem_type or 1))
+    return tensors
+
+
+def _size_text(n_bytes: int) -> str:
+    return f"{n_bytes / (1 << 30):.2f} GiB" if n_bytes >= 1 << 30 else f"{n_bytes / (1 << 20):.1f} MiB"
+
+
+def _check_memory_budget(proto: Any, options: BuildOptions, max_elements: int, max_bytes: int) -> None:
+    """Reject (413) a model whose declared tensors exceed the per-build memory budget, before any of
+    them exists: a 200-byte upload can declare a 6000x6000 input or a 1 GiB ConstantOfShape."""
+    tensors = _budget_tensors(proto, options)
+    for t in tensors:
+        if t.elements > max_elements:
+            raise _Rejected(
+                413, f"{t.kind} {t.name[:128]!r} of shape {list(t.shape)} has {t.elements:,} elements "
+                     f"({_size_text(t.bytes)}); this service builds tensors of at most {max_elements:,} elements",
+                tensor=t.name[:256], kind=t.kind, shape=list(t.shape), elements=t.elements, bytes=t.bytes,
+                limit_elements=max_elements)
+    total = sum(t.bytes for t in tensors)
+    if total > max_bytes:
+        largest = sorted(tensors, key=lambda t: t.bytes, reverse=True)[:3]
+        named = ", ".join(f"{t.kind} {t.name[:64]!r} {list(t.shape)} {_size_text(t.bytes)}" for t in largest)
+        raise _Rejected(413, f"the model's inputs, constants and generated tensors need {_size_text(total)}, over this "
+                             f"service's limit of {_size_text(max_bytes)} per build (largest: {named})",
+                        tensor=largest[0].name[:256], bytes=total, limit_bytes=max_bytes,
+                        largest=[{"tensor": t.name[:256], "kind": t.kind, "shape": list(t.shape), "bytes": t.bytes}
+                                 for t in largest])
+
+
+def _validate_onnx(path: Path, options: BuildOptions, *, max_elements: int,
+                   max_bytes: int) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+    """Parse the upload, check its memory budget, run ``check_onnx``: (report dict, ok, {input: dims});
+    raises _Rejected when the file is not a self-contained ONNX model or declares too much memory."""
     import onnx
     from onnx import TensorProto
 
@@ -253,6 +589,7 @@ def _validate_onnx(path: Path, options: BuildOptions) -> tuple[dict[str, Any], b
     if any(t.data_location == TensorProto.EXTERNAL for t in all_tensors(proto.graph)):
         raise _Rejected(422, "the model references external data files; upload a single-file ONNX "
                              "(onnx.save(model, path, save_as_external_data=False); < 2 GB)")
+    _check_memory_budget(proto, options, max_elements, max_bytes)  # before anything sized by the graph exists
     index = GraphIndex(proto)
     inputs: dict[str, list[int | None]] = {name: [d if d and d > 0 else None for d in index.shape(name) or ()]
                                            for name in index.inputs}
@@ -260,21 +597,34 @@ def _validate_onnx(path: Path, options: BuildOptions) -> tuple[dict[str, Any], b
     return jsonable(report.to_dict()), report.ok, inputs
 
 
-async def _read_message(request: Request) -> tuple[bytes, bool]:
-    message = await request.receive()
+async def _read_message(request: Request, timeout: float | None = None) -> tuple[bytes, bool]:
+    """The next body chunk; raises _UploadStalled when none arrives within ``timeout`` seconds."""
+    try:
+        message = await asyncio.wait_for(request.receive(), timeout)
+    except asyncio.TimeoutError:
+        raise _UploadStalled() from None
     if message["type"] == "http.disconnect":
         raise ClientDisconnect()
     return message.get("body", b""), bool(message.get("more_body", False))
 
 
-async def _drain(request: Request, limit: int) -> None:
-    """Read and discard up to ``limit`` more body bytes (lets the client finish sending and read our error)."""
+async def _drain(request: Request, limit: int, timeout: float | None = None) -> None:
+    """Read and discard up to ``limit`` more body bytes (lets the client finish sending and read our error);
+    a client that stalls meanwhile gets the error at once."""
     drained = 0
     with contextlib.suppress(ClientDisconnect, Exception):
         more = True
         while more and drained <= limit:
-            body, more = await _read_message(request)
+            body, more = await _read_message(request, timeout)
             drained += len(body)
+
+
+def _remove_upload(path: Path) -> None:
+    """Delete a (partial) upload; a storage that cannot even delete must not turn the response into a 500."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        _LOG.error("could not remove the upload %s: %s", path, exc)
 
 
 def _exclusive_lock(path: Path) -> Any:
@@ -311,15 +661,19 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
     state: dict[str, Any] = {}
     check_cache = _CheckCache()
     token = config.token or None
+    read_timeout = config.upload_read_timeout_s
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        artifacts = ArtifactStore(workdir)
+        artifacts = ArtifactStore(workdir, cache_max_bytes=config.cache_max_bytes, cache_max_age_s=config.cache_max_age_s)
         db_path = Path(config.db_path or workdir / "jobs.db")
         locks = [_exclusive_lock(workdir / ".service.lock"), _exclusive_lock(db_path.with_name(db_path.name + ".lock"))]
         store = JobStore(db_path)
-        chosen = backend if backend is not None else await run_in_threadpool(select_backend, config.backend, artifacts.timing)
-        manager = BuildManager(store, artifacts, chosen, workers=config.workers, build_delay_s=config.build_delay_s)
+        chosen = backend if backend is not None else await run_in_threadpool(
+            functools.partial(select_backend, config.backend, artifacts.timing,
+                              reference_input_budget_bytes=config.reference_input_budget_bytes))
+        manager = BuildManager(store, artifacts, chosen, workers=config.workers, build_delay_s=config.build_delay_s,
+                               lease_s=config.lease_s)
         await run_in_threadpool(manager.start)
         state.update(store=store, artifacts=artifacts, backend=chosen, manager=manager,
                      validate=asyncio.Semaphore(max(1, config.validate_concurrency)))
@@ -347,7 +701,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         given = credentials.credentials if credentials is not None else ""
         if not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
             if request.method == "POST":
-                await _drain(request, 1 << 20)
+                await _drain(request, 1 << 20, read_timeout)
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     def _job_or_404(job_id: str) -> Job:
@@ -394,9 +748,14 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
     @app.post(
         "/v1/builds", status_code=202, tags=["builds"], dependencies=[Depends(require_token)],
         openapi_extra={"requestBody": upload_body},
-        responses={401: {"description": "missing or wrong token"}, 413: {"description": "upload over the limit"},
+        responses={401: {"description": "missing or wrong token"},
+                   408: {"description": "the upload stalled (no data for upload_read_timeout_s)"},
+                   413: {"description": "upload over the limit, or model tensors over the memory budget"},
                    415: {"description": "not multipart/form-data"},
-                   422: {"description": "bad form, options or ONNX (check_onnx findings in the body)"}},
+                   422: {"description": "bad form, options or ONNX (check_onnx findings in the body), "
+                                        "or a float model without allow_float"},
+                   503: {"description": "the service's storage is not writable"},
+                   507: {"description": "the service's storage is full"}},
     )
     async def submit_build(request: Request) -> JSONResponse:
         """Upload a Q/DQ ONNX and build options; returns the build id (202)."""
@@ -405,12 +764,12 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         kind, params = parse_options_header(request.headers.get("content-type", ""))
         boundary = params.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
-            await _drain(request, 1 << 20)
+            await _drain(request, 1 << 20, read_timeout)
             return JSONResponse({"detail": "send multipart/form-data with fields 'file' and 'options'"}, status_code=415)
         declared = request.headers.get("content-length")
         too_big = {"detail": f"upload exceeds the limit of {limit} bytes", "limit_bytes": limit}
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _drain(request, min(int(declared), DRAIN_LIMIT_BYTES))
+            await _drain(request, min(int(declared), DRAIN_LIMIT_BYTES), read_timeout)
             return JSONResponse(too_big, status_code=413)
         part = state["artifacts"].uploads / f".upload-{os.urandom(8).hex()}.part"
         sink = _MultipartSink(boundary, part)
@@ -418,20 +777,22 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
             total, more = 0, True
             try:
                 while more:
-                    body, more = await _read_message(request)
+                    body, more = await _read_message(request, read_timeout)
                     total += len(body)
                     if total > limit:
                         sink.close()
-                        part.unlink(missing_ok=True)
-                        await _drain(request, DRAIN_LIMIT_BYTES)
+                        _remove_upload(part)
+                        await _drain(request, DRAIN_LIMIT_BYTES, read_timeout)
                         return JSONResponse(too_big, status_code=413)
                     sink.feed(body)
             except _Rejected:
                 if more:  # let the client finish sending so it reads the 422 instead of a reset
-                    await _drain(request, DRAIN_LIMIT_BYTES)
+                    await _drain(request, DRAIN_LIMIT_BYTES, read_timeout)
                 raise
-            except ClientDisconnect:
+            except (ClientDisconnect, _UploadStalled):
                 raise
+            except OSError as exc:  # the sink maps its own I/O errors; anything else of ours lands here
+                raise _storage_fault(exc, "storing the upload") from None
             except Exception as exc:  # python-multipart parse errors
                 raise _Rejected(422, f"malformed multipart body: {type(exc).__name__}: {exc}") from exc
             finally:
@@ -440,20 +801,23 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
                 raise _Rejected(422, "malformed multipart body: no closing boundary")
             if "file" not in sink.seen or sink.file_bytes == 0:
                 raise _Rejected(422, "form field 'file' (the ONNX model) is missing or empty")
-            try:
-                options = BuildOptions.model_validate_json(bytes(sink.options) if sink.options else b"{}")
-            except ValidationError as exc:
-                errors = json.loads(exc.json(include_url=False))
-                raise _Rejected(422, "invalid build options", errors=errors) from exc
+            options = _parse_options(bytes(sink.options) if sink.options else None)
             sha = sink.sha.hexdigest()
-            cache_key = (sha, options.target, options.strongly_typed())
+            # the profile shapes are in the key: the memory budget checked inside depends on them
+            cache_key = (sha, options.target, options.strongly_typed(),
+                         json.dumps(options.model_dump(mode="json")["shapes"], sort_keys=True))
             async with state["validate"]:
-                report, ok, inputs = await run_in_threadpool(check_cache.get, cache_key,
-                                                             lambda: _validate_onnx(part, options))
+                report, ok, inputs = await run_in_threadpool(
+                    check_cache.get, cache_key,
+                    lambda: _validate_onnx(part, options, max_elements=config.max_tensor_elements,
+                                           max_bytes=config.max_graph_bytes))
             if not ok:
                 errors = [f for f in report["findings"] if f["severity"] == "error"]
                 raise _Rejected(422, f"check_onnx found {len(errors)} error(s) for target {options.target}",
                                 findings=errors, report=report)
+            if not options.allow_float and any(f.get("rule") == "A0-no-qdq" for f in report["findings"]):
+                raise _Rejected(422, "no QuantizeLinear/DequantizeLinear: quantize and export with trtquant first, "
+                                     "or set allow_float=true", report=report)
             problems = check_shapes(options, inputs)
             if state["backend"].name == "tensorrt":
                 problems += [f"input {name!r} {dims} has dynamic dimensions: TensorRT needs an optimization profile, "
@@ -461,15 +825,22 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
                              for name, dims in inputs.items() if None in dims and name not in options.shapes]
             if problems:
                 raise _Rejected(422, "shapes do not fit the model", problems=problems, inputs=inputs)
-            job = await run_in_threadpool(
-                state["manager"].submit, upload=part, onnx_sha256=sha, onnx_bytes=sink.file_bytes,
-                filename=sink.filename, options=options, inputs=inputs, check_report=report)
+            try:
+                job = await run_in_threadpool(
+                    state["manager"].submit, upload=part, onnx_sha256=sha, onnx_bytes=sink.file_bytes,
+                    filename=sink.filename, options=options, inputs=inputs, check_report=report)
+            except OSError as exc:
+                raise _storage_fault(exc, "storing the build") from None
         except _Rejected as rejected:
-            return JSONResponse(rejected.body, status_code=rejected.status)
+            return rejected.response()
+        except _UploadStalled:
+            return JSONResponse({"detail": f"the upload stalled: no data for {read_timeout:g} s"}, status_code=408,
+                                headers={"Connection": "close"})
         except ClientDisconnect:
             return JSONResponse({"detail": "client disconnected"}, status_code=400)
         finally:
-            part.unlink(missing_ok=True)
+            sink.close()
+            _remove_upload(part)
         url = f"/v1/builds/{job.id}"
         return JSONResponse({"id": job.id, "status": job.status, "cache_hit": job.cache_hit, "key": job.key, "url": url},
                             status_code=202, headers={"Location": url})
@@ -482,10 +853,10 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         return _job_view(_job_or_404(job_id))
 
     @app.get("/v1/builds/{job_id}/artifact", tags=["builds"], dependencies=[Depends(require_token)],
-             response_class=FileResponse,
+             response_class=StreamingResponse,
              responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "unknown build"},
                         409: {"description": "the build has not succeeded"}})
-    def get_artifact(job_id: str = job_id_param) -> FileResponse:
+    def get_artifact(job_id: str = job_id_param) -> StreamingResponse:
         """The engine (TensorRT backend) or the ORT-optimized ONNX (ONNX Runtime backend)."""
         job = _job_or_404(job_id)
         if job.status != "succeeded":
@@ -494,8 +865,22 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         if record is None or not state["artifacts"].is_complete(record):
             raise HTTPException(404, "the artifact is no longer in the cache; resubmit the build")
         path = state["artifacts"].path_for(record.key, record.suffix)
-        return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}{record.suffix}",
-                            headers={"ETag": f'"{record.sha256}"', "X-Artifact-SHA256": record.sha256})
+        # Opened while pinned: eviction skips it, and an open file stays readable even if evicted later.
+        with state["artifacts"].serving(record.key):
+            try:
+                handle = open(path, "rb")
+            except FileNotFoundError:
+                raise HTTPException(404, "the artifact is no longer in the cache; resubmit the build") from None
+        state["store"].touch_artifact(record.key)
+
+        def chunks() -> Iterator[bytes]:
+            with handle:
+                while block := handle.read(1 << 20):
+                    yield block
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
+            "Content-Length": str(record.bytes), "ETag": f'"{record.sha256}"', "X-Artifact-SHA256": record.sha256,
+            "Content-Disposition": f'attachment; filename="{job.id}{record.suffix}"'})
 
     @app.get("/v1/builds/{job_id}/report", tags=["builds"], dependencies=[Depends(require_token)])
     def get_report(job_id: str = job_id_param) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ __all__ = [
     "BackendUnavailable",
     "BuildOutput",
     "OnnxRuntimeBackend",
+    "ReferenceInputTooLarge",
     "TensorRTBackend",
     "gpu_name",
     "select_backend",
@@ -49,8 +51,16 @@ BACKEND_ENV = "TRTQUANT_SERVICE_BACKEND"
 LogFn = Callable[[str], None]
 
 
+#: Default byte budget of the random inputs of the ONNX Runtime reference (parity) run.
+DEFAULT_REFERENCE_INPUT_BUDGET_BYTES = 1 << 30
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine."""
+
+
+class ReferenceInputTooLarge(ValueError):
+    """The reference run's inputs would exceed the byte budget (refused before allocating)."""
 
 
 @dataclass
@@ -139,16 +149,53 @@ def _harness_benchmark(backend: str, artifact: Path, options: Mapping[str, Any],
 # --------------------------------------------------------------------------- ONNX Runtime
 
 
+def _random_input(rng: Any, shape: Sequence[int], dtype: Any) -> Any:
+    """Standard-normal values drawn directly in ``dtype`` (float16 in float32 blocks of 1 Mi
+    values), so no float64 array of the full shape is ever allocated."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    if dtype in (np.float32, np.float64):
+        return rng.standard_normal(tuple(shape), dtype=dtype)
+    out = np.empty(tuple(shape), dtype)
+    flat = out.reshape(-1)
+    for start in range(0, flat.size, 1 << 20):
+        block = flat[start:start + (1 << 20)]
+        block[...] = rng.standard_normal(block.size, dtype=np.float32)
+    return out
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    """max |a - b| in the outputs' own float type (float16 via float32), never a float64 copy."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    if not a.size:
+        return 0.0
+    kind = np.result_type(a, b)
+    work = np.float32 if kind == np.float16 or not np.issubdtype(kind, np.floating) else kind
+    return float(np.max(np.abs(np.subtract(a, b, dtype=work))))
+
+
 class OnnxRuntimeBackend(Backend):
-    """CPU backend: the artifact is ONNX Runtime's optimized ONNX graph."""
+    """CPU backend: the artifact is ONNX Runtime's optimized ONNX graph.
+
+    Args:
+        reference_input_budget_bytes: most bytes the reference (parity) run may allocate for
+            its random inputs; a build whose inputs would need more fails with a clear
+            message before anything is allocated (None: no limit).
+    """
 
     name = "onnxruntime"
     artifact_suffix = ".onnx"
     media_type = "application/octet-stream"
 
-    def __init__(self) -> None:
+    def __init__(self, reference_input_budget_bytes: int | None = DEFAULT_REFERENCE_INPUT_BUDGET_BYTES) -> None:
         import onnxruntime as ort
 
+        if reference_input_budget_bytes is not None and reference_input_budget_bytes < 0:
+            raise ValueError(f"reference_input_budget_bytes={reference_input_budget_bytes} must be >= 0 or None")
+        self.reference_input_budget_bytes = reference_input_budget_bytes
         self._ort = ort
         self.version = str(ort.__version__)
         self.device = f"cpu ({platform.machine() or 'unknown'})"
@@ -190,7 +237,7 @@ class OnnxRuntimeBackend(Backend):
         so.intra_op_num_threads = 1
         ref = ort.InferenceSession(str(original), sess_options=so, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(0)
-        feed = {}
+        planned: dict[str, tuple[list[int], Any]] = {}
         for arg in ref.get_inputs():
             if arg.type not in types:
                 log(f"parity check skipped: input '{arg.name}' has type {arg.type}")
@@ -205,15 +252,22 @@ class OnnxRuntimeBackend(Backend):
                     log(f"parity check skipped: input '{arg.name}' {arg.shape} has dynamic dimensions and no shapes option")
                     return None
                 shape = [int(d) for d in dims if d is not None]
-            feed[arg.name] = rng.standard_normal(shape).astype(types[arg.type])
+            planned[arg.name] = (shape, types[arg.type])
+        need = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in planned.values())
+        budget = self.reference_input_budget_bytes
+        if budget is not None and need > budget:
+            sizes = ", ".join(f"{name} {shape} {np.dtype(dtype).name}" for name, (shape, dtype) in planned.items())
+            raise ReferenceInputTooLarge(
+                f"the reference run needs {need} bytes of inputs ({sizes}), over the budget of {budget} bytes; "
+                "pass smaller 'opt' shapes")
+        feed = {name: _random_input(rng, shape, dtype) for name, (shape, dtype) in planned.items()}
         so_opt = ort.SessionOptions()
         so_opt.intra_op_num_threads = 1
         opt = ort.InferenceSession(str(optimized), sess_options=so_opt, providers=["CPUExecutionProvider"])
         a = ref.run(None, feed)
         b = opt.run(None, feed)
-        diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) if np.size(x) else 0.0
-                 for x, y in zip(a, b)]
-        scale = [float(np.max(np.abs(np.asarray(x, np.float64)))) if np.size(x) else 0.0 for x in a]
+        diffs = [_max_abs_diff(x, y) for x, y in zip(a, b)]
+        scale = [float(np.max(np.abs(np.asarray(x)))) if np.size(x) else 0.0 for x in a]
         result = {"input_shapes": {k: list(v.shape) for k, v in feed.items()},
                   "max_abs_diff": max(diffs, default=0.0), "max_abs_reference": max(scale, default=0.0),
                   "reference": "uploaded ONNX with ORT_DISABLE_ALL (Q/DQ simulated in float)"}
@@ -317,12 +371,14 @@ class TensorRTBackend(Backend):
 # --------------------------------------------------------------------------- selection
 
 
-def select_backend(prefer: str | None = None, timing_cache_dir: Path | None = None) -> Backend:
+def select_backend(prefer: str | None = None, timing_cache_dir: Path | None = None, *,
+                   reference_input_budget_bytes: int | None = DEFAULT_REFERENCE_INPUT_BUDGET_BYTES) -> Backend:
     """The backend to build with: TensorRT when usable, else ONNX Runtime on the CPU.
 
     Args:
         prefer: ``"auto"`` (default; also from ``$TRTQUANT_SERVICE_BACKEND``), ``"tensorrt"``
             or ``"onnxruntime"``.
+        reference_input_budget_bytes: see :class:`OnnxRuntimeBackend`.
 
     Raises:
         BackendUnavailable: ``prefer='tensorrt'`` and TensorRT is not usable here.
@@ -344,5 +400,5 @@ def select_backend(prefer: str | None = None, timing_cache_dir: Path | None = No
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             _LOG.info("TensorRT not usable (%s); using the ONNX Runtime CPU backend", first)
     importlib.import_module("onnxruntime")
-    return OnnxRuntimeBackend()
+    return OnnxRuntimeBackend(reference_input_budget_bytes)
 

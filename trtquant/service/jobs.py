@@ -7,6 +7,12 @@ fails with it), anything else is queued. Workers claim queued builds, run the ba
 scratch folder, optionally benchmark, then publish the artifact atomically and mark the
 job (and every job waiting for it) succeeded in one transaction.
 
+No job stays ``running`` once its build thread ends: any failure on the way (the backend,
+publishing, recording, logging) is recorded as the job's error (retried while the database
+is unwritable), and a watchdog thread renews the lease of every live build and fails jobs
+whose lease ran out (a dead thread, a process that is gone), releasing their duplicates. It
+also replaces dead worker threads and evicts from the artifact cache.
+
 Test hook: ``TRTQUANT_SERVICE_TEST_BUILD_DELAY_S=<seconds>`` makes every build sleep that
 long after the backend wrote its artifact into the scratch folder and before it is
 published, so tests can kill the server mid-build. Never set it in production.
@@ -14,20 +20,31 @@ published, so tests can kill the server mid-build. Never set it in production.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from trtquant.service.backends import Backend
-from trtquant.service.store import ArtifactRecord, ArtifactStore, Job, JobStore, cache_key, iso_time, new_job_id
+from trtquant.service.store import (
+    DEFAULT_LEASE_S,
+    ArtifactRecord,
+    ArtifactStore,
+    Job,
+    JobStore,
+    cache_key,
+    default_owner,
+    iso_time,
+    new_job_id,
+)
 
 __all__ = ["BUILD_DELAY_ENV", "BuildManager", "BuildOptions", "ShapeProfile", "check_shapes"]
 
@@ -73,9 +90,12 @@ class BuildOptions(BaseModel):
         benchmark_duration_s: timed loop length of that benchmark.
         optimization_level: TensorRT builder optimization level 0-5.
         dla_core: DLA core for ``target='dla'``.
+        allow_float: accept a model without any QuantizeLinear/DequantizeLinear (built in
+            float). Off by default: a float upload is almost always a forgotten quantize/export
+            step. Not part of the cache key: it only gates the submission, not the artifact.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN/Infinity/1e400: 422
 
     precision: Literal["int8", "fp16", "best"] = "int8"
     shapes: dict[InputName, ShapeProfile] = Field(default_factory=dict, max_length=64)
@@ -85,6 +105,7 @@ class BuildOptions(BaseModel):
     benchmark_duration_s: float = Field(default=1.0, gt=0, le=30)
     optimization_level: int = Field(default=3, ge=0, le=5)
     dla_core: int = Field(default=0, ge=0, le=7)
+    allow_float: bool = False
 
     def strongly_typed(self) -> bool | None:
         """What the validator should assume for a ``trt10`` build."""
@@ -93,8 +114,9 @@ class BuildOptions(BaseModel):
         return self.precision == "int8" or self.target == "trt11"
 
     def canonical(self) -> dict[str, Any]:
-        """All fields, defaults filled in, JSON types: the part of the cache key that is options."""
-        return self.model_dump(mode="json")
+        """All fields that shape the artifact, defaults filled in, JSON types: the part of the cache
+        key that is options (``allow_float`` is left out: the same model builds the same either way)."""
+        return self.model_dump(mode="json", exclude={"allow_float"})
 
 
 def check_shapes(options: BuildOptions, inputs: Mapping[str, list[int | None]]) -> list[str]:
@@ -151,30 +173,77 @@ class _ThreadLogHandler(logging.Handler):
                 pass
 
 
+def _describe_fault(exc: BaseException, hidden: Sequence[str]) -> str:
+    """``Type: message`` for clients: an OSError by its errno text (its file names are server
+    paths), any other message with the server folders in ``hidden`` replaced by ``<workdir>``."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        text = f"{type(exc).__name__}: [Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    for folder in sorted(hidden, key=len, reverse=True):
+        if folder:
+            text = text.replace(folder, "<workdir>")
+    return text
+
+
+def _short_traceback(exc: BaseException, limit: int = 8) -> str:
+    """The last frames as ``file.py:line in function`` (base names only: no server paths)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-limit:]
+    return "".join(f"  {Path(frame.filename).name}:{frame.lineno} in {frame.name}\n" for frame in frames)
+
+
 class BuildManager:
-    """The build queue: submission with dedupe, worker threads, live logs, start-up recovery."""
+    """The build queue: submission with dedupe, worker threads, live logs, leases, cache
+    eviction and start-up recovery.
+
+    Args:
+        store, artifacts, backend: persistence and the build backend.
+        workers: build threads (one per GPU).
+        build_delay_s: test hook, see the module docstring.
+        lease_s: how long a running job's lease lasts without renewal; the watchdog renews
+            it while the build thread lives and fails the job once it has run out.
+        watchdog_interval_s: period of the watchdog (lease renewal and expiry, failures not
+            yet recorded, dead workers, cache eviction); default ``lease_s / 4``.
+        record_retry_s: how long a build thread keeps retrying to record its result (the
+            database may be briefly unwritable, e.g. a full disk) before leaving it to the watchdog.
+    """
 
     def __init__(self, store: JobStore, artifacts: ArtifactStore, backend: Backend, *, workers: int = 1,
-                 build_delay_s: float = 0.0) -> None:
+                 build_delay_s: float = 0.0, lease_s: float = DEFAULT_LEASE_S, watchdog_interval_s: float | None = None,
+                 record_retry_s: float = 5.0) -> None:
         if workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
+        if not lease_s > 0:
+            raise ValueError(f"lease_s={lease_s} must be > 0")
         self.store = store
         self.artifacts = artifacts
         self.backend = backend
         self.workers = int(workers)
         self.build_delay_s = float(build_delay_s)
+        self.lease_s = float(lease_s)
+        self.watchdog_interval_s = float(watchdog_interval_s) if watchdog_interval_s else self.lease_s / 4
+        if not self.watchdog_interval_s < self.lease_s:
+            raise ValueError(f"watchdog_interval_s={self.watchdog_interval_s} must be < lease_s={self.lease_s}")
+        self.record_retry_s = max(0.0, float(record_retry_s))
+        self.owner = default_owner()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
+        self._watchdog_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._live: dict[str, _JobLog] = {}
         self._live_lock = threading.Lock()
+        self._building: dict[str, threading.Thread] = {}  # job id -> the thread building it (lease renewal)
+        self._unrecorded: dict[str, str] = {}  # job id -> failure its thread could not record
+        self._state_lock = threading.Lock()
         self._handler = _ThreadLogHandler()
+        self._hidden = sorted({str(artifacts.workdir.absolute()), str(artifacts.workdir.resolve())})
         self.recovery: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Recover from a previous run, clean the work folder, re-queue queued builds, start workers."""
+        """Recover from a previous run, clean the work folder, re-queue queued builds, start workers
+        and the watchdog."""
         recovered = self.store.recover()
         queued = self.store.queued_builds()
         cleaned = self.artifacts.reconcile(self.store.artifacts(), set(queued))
@@ -187,8 +256,10 @@ class BuildManager:
                 lost += 1
             else:
                 self._queue.put(job_id)
+        evicted = self._evict()
         self.recovery = {**recovered, "requeued": recovered["requeued"] - lost, "uploads_lost": lost,
-                         "removed_files": len(cleaned["removed"]), "artifacts_missing": len(cleaned["missing"])}
+                         "removed_files": len(cleaned["removed"]), "artifacts_missing": len(cleaned["missing"]),
+                         "artifacts_evicted": len(evicted)}
         if any(self.recovery.values()):
             _LOG.warning("start-up recovery: %s", self.recovery)
         if self.build_delay_s > 0:
@@ -199,9 +270,9 @@ class BuildManager:
             package_logger.setLevel(logging.INFO)
         package_logger.addHandler(self._handler)
         for index in range(self.workers):
-            thread = threading.Thread(target=self._worker, name=f"trtquant-build-{index}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(self._start_worker(index))
+        self._watchdog_thread = threading.Thread(target=self._watchdog, name="trtquant-build-watchdog", daemon=True)
+        self._watchdog_thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking builds; wait up to ``timeout`` s for running ones (left 'running' otherwise:
@@ -210,9 +281,14 @@ class BuildManager:
         for _ in self._threads:
             self._queue.put(None)
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        for thread in [*self._threads, *([self._watchdog_thread] if self._watchdog_thread else [])]:
             thread.join(max(0.0, deadline - time.monotonic()))
         logging.getLogger("trtquant").removeHandler(self._handler)
+
+    def _start_worker(self, index: int) -> threading.Thread:
+        thread = threading.Thread(target=self._worker, name=f"trtquant-build-{index}", daemon=True)
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------------ submission
 
@@ -253,25 +329,39 @@ class BuildManager:
             if job_id is None or self._stopping.is_set():
                 return
             try:
-                job = self.store.claim(job_id)
+                job = self.store.claim(job_id, owner=self.owner, lease_s=self.lease_s)
                 if job is not None:
-                    self._run(job)
+                    with self._state_lock:
+                        self._building[job.id] = threading.current_thread()
+                    try:
+                        self._run(job)
+                    finally:
+                        with self._state_lock:
+                            self._building.pop(job.id, None)
             except Exception:  # the store itself failed: log, keep the worker alive
                 _LOG.exception("build worker error on job %s", job_id)
 
     def _run(self, job: Job) -> None:
+        """Build, publish and record one claimed job. Whatever fails on the way (the backend,
+        publishing, recording, logging) ends in a recorded failure, or, when even that cannot
+        be written now, in one the watchdog records (and the lease expires meanwhile)."""
         log = _JobLog()
         with self._live_lock:
             self._live[job.id] = log
         self._handler.local.sink = log
         upload = self.artifacts.upload_path(job.id)
         backend = self.backend
+        stage = "build"
+        published: Path | None = None
+        recorded = False
         try:
             log(f"build {job.id} started on {backend.name} {backend.version} ({backend.device}); key {job.key}")
             existing = self.store.artifact(job.key)
             if existing is not None and self.artifacts.is_complete(existing):
                 log(f"artifact already in the cache (built by job {existing.build_job_id}); not rebuilding")
+                stage = "recording the result"
                 self.store.succeed_from_cache(job.id, existing, log.text())
+                recorded = True
                 return
             if not upload.is_file():
                 raise FileNotFoundError("the uploaded ONNX is missing from the work folder")
@@ -293,29 +383,129 @@ class BuildManager:
                     benchmark = backend.benchmark(artifact, job.options, job.inputs,
                                                   float(job.options.get("benchmark_duration_s", 1.0)))
                 except Exception as exc:  # the engine is fine; report why the benchmark is missing
-                    log(f"benchmark failed: {type(exc).__name__}: {exc}")
-                    benchmark = {"error": f"{type(exc).__name__}: {exc}"}
-            _, sha, size = self.artifacts.publish(job.key, artifact, backend.artifact_suffix)
+                    log(f"benchmark failed: {_describe_fault(exc, self._hidden)}")
+                    benchmark = {"error": _describe_fault(exc, self._hidden)}
+            stage = "publishing the artifact"
+            published, sha, size = self.artifacts.publish(job.key, artifact, backend.artifact_suffix)
             log(f"published artifact {job.key}{backend.artifact_suffix} ({size} bytes, sha256 {sha})")
             report = {"layers": output.layers, "benchmark": benchmark, "build": output.metadata,
                       "parity": output.parity, "build_time_s": round(build_s, 3)}
             record = ArtifactRecord(key=job.key, suffix=backend.artifact_suffix, sha256=sha, bytes=size,
                                     backend=backend.name, backend_version=backend.version, build_job_id=job.id,
                                     created_at=time.time(), report=report)
-            self.store.succeed(job.id, record, log.text())
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            log("build failed:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8)))
-            try:
-                self.store.fail(job.id, error, log.text())
-            except Exception:
-                _LOG.exception("could not record the failure of job %s", job.id)
+            stage = "recording the result"
+            if not self.store.succeed(job.id, record, log.text()):
+                _LOG.warning("job %s finished after its lease expired; its artifact is cached, the job stays failed",
+                             job.id)
+            recorded = True
+        except BaseException as exc:
+            error = f"{stage} failed: {_describe_fault(exc, self._hidden)}"
+            if published is not None and not recorded:  # no row will point at it: free the space now
+                with contextlib.suppress(OSError):
+                    published.unlink()
+            with contextlib.suppress(Exception):
+                log(f"{error}\n{_short_traceback(exc)}")
+            self._record_failure(job.id, error, log)
+            if not isinstance(exc, Exception):
+                raise
         finally:
-            self._handler.local.sink = None
-            self.artifacts.remove_scratch(job.id)
-            upload.unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                self._handler.local.sink = None
+                self.artifacts.remove_scratch(job.id)
+            with contextlib.suppress(OSError):
+                upload.unlink(missing_ok=True)
             with self._live_lock:
                 self._live.pop(job.id, None)
+        if recorded:
+            with contextlib.suppress(Exception):
+                self._evict(keep={job.key})
+
+    def _record_failure(self, job_id: str, error: str, log: _JobLog) -> None:
+        """Record a failure, retrying for ``record_retry_s`` (the last tries without the log: a
+        short write fits where a long one does not); else leave it to the watchdog."""
+        deadline = time.monotonic() + self.record_retry_s
+        delay, attempt = 0.05, 0
+        while True:
+            attempt += 1
+            try:
+                text: str | None = log.text() if attempt == 1 else None
+            except Exception:
+                text = None
+            try:
+                self.store.fail(job_id, error, text)
+                return
+            except Exception:
+                if time.monotonic() + delay > deadline or self._stopping.is_set():
+                    _LOG.exception("could not record the failure of job %s; the watchdog retries", job_id)
+                    with self._state_lock:
+                        self._unrecorded[job_id] = error
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # ------------------------------------------------------------------ watchdog
+
+    def _watchdog(self) -> None:
+        while not self._stopping.wait(self.watchdog_interval_s):
+            try:
+                self.watchdog_tick()
+            except Exception:  # the watchdog must outlive any single round
+                _LOG.exception("watchdog round failed")
+
+    def watchdog_tick(self) -> dict[str, Any]:
+        """One round: renew the leases of live builds, record failures not yet recorded, fail
+        jobs whose lease expired, replace dead worker threads, evict from the cache. Each step
+        is independent: one failing (a full disk) does not skip the others."""
+        done: dict[str, Any] = {"renewed": 0, "recorded": [], "expired": [], "workers_restarted": 0, "evicted": []}
+        try:
+            with self._state_lock:
+                alive = {job_id for job_id, thread in self._building.items() if thread.is_alive()}
+            done["renewed"] = len(self.store.renew_leases(alive, self.owner, self.lease_s))
+        except Exception:
+            _LOG.exception("watchdog: renewing build leases failed")
+        with self._state_lock:
+            pending = dict(self._unrecorded)
+        for job_id, error in pending.items():
+            try:
+                self.store.fail(job_id, error, None)
+                done["recorded"].append(job_id)
+                with self._state_lock:
+                    self._unrecorded.pop(job_id, None)
+            except Exception:
+                _LOG.exception("watchdog: recording the failure of job %s failed again", job_id)
+        try:
+            done["expired"] = self.store.expire_leases()
+        except Exception:
+            _LOG.exception("watchdog: failing jobs with expired leases failed")
+        for job_id in done["expired"]:
+            _LOG.warning("watchdog: job %s lost its build thread (lease expired); marked failed", job_id)
+            with self._state_lock:
+                building = job_id in self._building and self._building[job_id].is_alive()
+            if not building:
+                self.artifacts.remove_scratch(job_id)
+                with contextlib.suppress(OSError, ValueError):
+                    self.artifacts.upload_path(job_id).unlink(missing_ok=True)
+                with self._live_lock:
+                    self._live.pop(job_id, None)
+        if not self._stopping.is_set():
+            for index, thread in enumerate(self._threads):
+                if not thread.is_alive():
+                    _LOG.error("watchdog: build worker %s died; starting a new one", thread.name)
+                    self._threads[index] = self._start_worker(index)
+                    done["workers_restarted"] += 1
+        done["evicted"] = self._evict()
+        return done
+
+    def _evict(self, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Cache eviction (see :meth:`ArtifactStore.evict`); logs and swallows errors."""
+        try:
+            evicted = self.artifacts.evict(self.store, keep=keep)
+        except Exception:
+            _LOG.exception("artifact cache eviction failed")
+            return []
+        if evicted:
+            _LOG.info("artifact cache: evicted %d artifact(s) (least recently used first)", len(evicted))
+        return evicted
 
     def queue_depth(self) -> int:
         return self._queue.qsize()

@@ -24,6 +24,17 @@ restart") — a build may have died half-way through a GPU allocation or a drive
 is not retried behind the client's back; resubmitting the same upload starts a fresh build.
 Jobs still ``queued`` keep their place and are built after the restart.
 
+Leases: a claimed (``running``) job carries ``lease_owner`` and ``lease_expires_at``; the
+owning :class:`~trtquant.service.jobs.BuildManager` renews them while the build thread is
+alive, and :meth:`JobStore.expire_leases` fails a running job whose lease ran out (its
+thread died, or the process that claimed it is gone), so no job stays ``running`` forever.
+
+Cache eviction (:meth:`ArtifactStore.evict`): least recently used first, by total size and
+idle age; artifacts of jobs that are not final, and keys pinned while served, are kept. The
+``artifacts`` row is deleted (committed) before the file: a crash in between leaves an
+orphan file that :meth:`ArtifactStore.reconcile` removes at the next start, never a row
+without its file.
+
 One connection guarded by a lock serves every thread (builds and HTTP handlers): the
 service writes a few rows per build, far below what serialising them costs.
 """
@@ -49,6 +60,7 @@ from typing import Any
 __all__ = [
     "ARTIFACT_SUFFIXES",
     "INTERRUPTED_ERROR",
+    "LEASE_EXPIRED_ERROR",
     "ArtifactRecord",
     "ArtifactStore",
     "Job",
@@ -96,7 +108,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     log TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    lease_owner TEXT,
+    lease_expires_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_key_status ON jobs (key, status);
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created_at);
@@ -110,9 +124,22 @@ CREATE TABLE IF NOT EXISTS artifacts (
     backend TEXT NOT NULL,
     backend_version TEXT NOT NULL,
     build_job_id TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    last_used_at REAL
 );
 """
+
+#: Columns added after schema 1 shipped: added in place to older databases (additive, so the
+#: schema version and with it every cache key stay the same).
+_ADDED_COLUMNS = {
+    "jobs": (("lease_owner", "TEXT"), ("lease_expires_at", "REAL")),
+    "artifacts": (("last_used_at", "REAL"),),
+}
+
+LEASE_EXPIRED_ERROR = (
+    "build lost: its worker stopped reporting (lease expired); nothing was published; resubmit to build again"
+)
+DEFAULT_LEASE_S = 60.0
 
 
 def new_job_id() -> str:
@@ -206,6 +233,8 @@ class Job:
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -218,6 +247,7 @@ class Job:
             check_report=json.loads(row["check_report"]) if row["check_report"] else None,
             error=row["error"], log=row["log"] or "", created_at=row["created_at"],
             started_at=row["started_at"], finished_at=row["finished_at"],
+            lease_owner=row["lease_owner"], lease_expires_at=row["lease_expires_at"],
         )
 
 
@@ -250,9 +280,18 @@ def _clip_log(text: str) -> str:
 
 
 class JobStore:
-    """Jobs and artifact records in one SQLite database (WAL mode, one locked connection)."""
+    """Jobs and artifact records in one SQLite database (WAL mode, one locked connection).
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    Args:
+        path: the database file.
+        lease_s: lease of a claimed job when :meth:`claim` is not given one (seconds).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, lease_s: float = DEFAULT_LEASE_S) -> None:
+        if not lease_s > 0:
+            raise ValueError(f"lease_s={lease_s} must be > 0")
+        self.lease_s = float(lease_s)
+        self.owner = default_owner()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -263,6 +302,12 @@ class JobStore:
         self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._db.executescript(_SCHEMA)  # CREATE ... IF NOT EXISTS, outside any transaction
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:  # a database written before the column existed
+                        with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         with self._tx() as db:
             row = db.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()
             if row is None:
@@ -276,15 +321,21 @@ class JobStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``) under the lock."""
+        """One write transaction (``BEGIN IMMEDIATE``) under the lock.
+
+        A failed ``COMMIT`` (disk full) is rolled back too: a transaction left open would make
+        every later ``BEGIN`` fail, and with it every status update of every job.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
         with self._lock:
@@ -325,6 +376,7 @@ class JobStore:
             art = db.execute("SELECT * FROM artifacts WHERE key = ?", (key,)).fetchone()
             if art is not None and artifact_ok(ArtifactRecord.from_row(art)):
                 status, cache_hit, leader, finished = "succeeded", 1, art["build_job_id"], now
+                db.execute("UPDATE artifacts SET last_used_at = ? WHERE key = ?", (now, key))
             else:
                 if art is not None:  # row without its file: forget it and rebuild
                     db.execute("DELETE FROM artifacts WHERE key = ?", (key,))
@@ -355,33 +407,43 @@ class JobStore:
         row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return None if row is None else Job.from_row(row)
 
-    def claim(self, job_id: str) -> Job | None:
-        """``queued`` -> ``running`` for a build job (not a waiting duplicate); None if not claimable."""
+    def claim(self, job_id: str, *, owner: str | None = None, lease_s: float | None = None) -> Job | None:
+        """``queued`` -> ``running`` for a build job (not a waiting duplicate), with a lease held by
+        ``owner`` for ``lease_s`` seconds (the store's defaults when None); None if not claimable."""
+        now = time.time()
+        lease = self.lease_s if lease_s is None else float(lease_s)
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued' AND leader_id IS NULL",
-                (time.time(), job_id))
+                "UPDATE jobs SET status = 'running', started_at = ?, lease_owner = ?, lease_expires_at = ? "
+                "WHERE id = ? AND status = 'queued' AND leader_id IS NULL",
+                (now, owner or self.owner, now + lease, job_id))
             if cur.rowcount != 1:
                 return None
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row)
 
-    def succeed(self, job_id: str, artifact: ArtifactRecord, log: str, *, built: bool = True) -> None:
-        """Record the artifact, mark the job and every job waiting for it succeeded (one transaction)."""
+    def succeed(self, job_id: str, artifact: ArtifactRecord, log: str, *, built: bool = True) -> bool:
+        """Record the artifact, mark the job and every job waiting for it succeeded (one transaction).
+
+        Returns False when the job was no longer active (its lease expired and it was failed
+        meanwhile): the artifact is still recorded, it is complete; the job keeps its failure.
+        """
         now = time.time()
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO artifacts (key, suffix, sha256, bytes, report, backend, backend_version, "
-                "build_job_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "build_job_id, created_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (artifact.key, artifact.suffix, artifact.sha256, artifact.bytes, to_json(artifact.report),
-                 artifact.backend, artifact.backend_version, artifact.build_job_id, artifact.created_at))
-            db.execute(
-                "UPDATE jobs SET status = 'succeeded', built = ?, cache_hit = ?, error = NULL, log = ?, finished_at = ? "
-                "WHERE id = ?", (1 if built else 0, 0 if built else 1, _clip_log(log), now, job_id))
+                 artifact.backend, artifact.backend_version, artifact.build_job_id, artifact.created_at, now))
+            cur = db.execute(
+                "UPDATE jobs SET status = 'succeeded', built = ?, cache_hit = ?, error = NULL, log = ?, finished_at = ?, "
+                "lease_expires_at = NULL WHERE id = ? AND status IN ('queued', 'running')",
+                (1 if built else 0, 0 if built else 1, _clip_log(log), now, job_id))
             db.execute(
                 "UPDATE jobs SET status = 'succeeded', cache_hit = 1, finished_at = ?, "
                 "log = log || ? WHERE leader_id = ? AND status = 'queued'",
                 (now, f"job {job_id} finished the build: succeeded\n", job_id))
+        return cur.rowcount == 1
 
     def succeed_from_cache(self, job_id: str, artifact: ArtifactRecord, log: str) -> None:
         """A claimed build whose artifact appeared meanwhile: succeed without building."""
@@ -389,23 +451,67 @@ class JobStore:
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET status = 'succeeded', built = 0, cache_hit = 1, leader_id = ?, log = ?, "
-                "finished_at = ? WHERE id = ?", (artifact.build_job_id, _clip_log(log), now, job_id))
+                "finished_at = ?, lease_expires_at = NULL WHERE id = ? AND status IN ('queued', 'running')",
+                (artifact.build_job_id, _clip_log(log), now, job_id))
+            db.execute("UPDATE artifacts SET last_used_at = ? WHERE key = ?", (now, artifact.key))
             db.execute(
                 "UPDATE jobs SET status = 'succeeded', cache_hit = 1, finished_at = ?, log = log || ? "
                 "WHERE leader_id = ? AND status = 'queued'",
                 (now, f"job {job_id} found the artifact in the cache\n", job_id))
 
-    def fail(self, job_id: str, error: str, log: str) -> None:
-        """Mark a build failed, and every job waiting for it."""
-        now = time.time()
+    def fail(self, job_id: str, error: str, log: str | None) -> bool:
+        """Mark an active build failed, and every job waiting for it (one transaction).
+
+        ``log=None`` keeps the stored log (a short write, for when the disk is full). Returns
+        False when the job was already final (a late report after its lease expired).
+        """
         with self._tx() as db:
-            db.execute("UPDATE jobs SET status = 'failed', error = ?, log = ?, finished_at = ? WHERE id = ?",
-                       (error, _clip_log(log), now, job_id))
-            db.execute(
-                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, log = log || ? "
-                "WHERE leader_id = ? AND status = 'queued'",
-                (f"the identical build it waited for (job {job_id}) failed: {error}", now,
-                 f"job {job_id} finished the build: failed\n", job_id))
+            return self._fail_in(db, job_id, error, log, time.time())
+
+    @staticmethod
+    def _fail_in(db: sqlite3.Connection, job_id: str, error: str, log: str | None, now: float) -> bool:
+        if log is None:
+            cur = db.execute(
+                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, lease_expires_at = NULL "
+                "WHERE id = ? AND status IN ('queued', 'running')", (error, now, job_id))
+        else:
+            cur = db.execute(
+                "UPDATE jobs SET status = 'failed', error = ?, log = ?, finished_at = ?, lease_expires_at = NULL "
+                "WHERE id = ? AND status IN ('queued', 'running')", (error, _clip_log(log), now, job_id))
+        db.execute(
+            "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, log = log || ? "
+            "WHERE leader_id = ? AND status = 'queued'",
+            (f"the identical build it waited for (job {job_id}) failed: {error}", now,
+             f"job {job_id} finished the build: failed\n", job_id))
+        return cur.rowcount == 1
+
+    def renew_leases(self, job_ids: list[str] | set[str], owner: str, lease_s: float) -> set[str]:
+        """Extend the leases ``owner`` holds on running ``job_ids``; returns the ids renewed."""
+        ids = [job_id for job_id in job_ids if is_job_id(job_id)]
+        if not ids:
+            return set()
+        until = time.time() + float(lease_s)
+        renewed: set[str] = set()
+        with self._tx() as db:
+            for job_id in ids:
+                cur = db.execute("UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND status = 'running' "
+                                 "AND lease_owner = ?", (until, job_id, owner))
+                if cur.rowcount == 1:
+                    renewed.add(job_id)
+        return renewed
+
+    def expire_leases(self, now: float | None = None) -> list[str]:
+        """Fail every running job whose lease ran out (or that has none: claimed by an older
+        service), and the jobs waiting for it; returns their ids."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE status = 'running' AND "
+                              "(lease_expires_at IS NULL OR lease_expires_at < ?)", (now,)).fetchall()
+            for row in rows:
+                self._fail_in(db, row["id"], LEASE_EXPIRED_ERROR, None, now)
+                db.execute("UPDATE jobs SET log = log || ? WHERE id = ?",
+                           (f"[{iso_time(now)}] {LEASE_EXPIRED_ERROR}\n", row["id"]))
+        return [row["id"] for row in rows]
 
     def recover(self) -> dict[str, int]:
         """Start-up: ``running`` -> ``failed`` (interrupted), then settle waiting duplicates.
@@ -416,7 +522,8 @@ class JobStore:
         now = time.time()
         with self._tx() as db:
             interrupted = db.execute(
-                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, log = log || ? WHERE status = 'running'",
+                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, lease_expires_at = NULL, log = log || ? "
+                "WHERE status = 'running'",
                 (INTERRUPTED_ERROR, now, f"[{iso_time(now)}] {INTERRUPTED_ERROR}\n")).rowcount
             settled = 0
             waiting = db.execute("SELECT id, leader_id FROM jobs WHERE status = 'queued' AND leader_id IS NOT NULL").fetchall()
@@ -472,6 +579,53 @@ class JobStore:
         with self._tx() as db:
             db.execute("DELETE FROM artifacts WHERE key = ?", (key,))
 
+    def touch_artifact(self, key: str, now: float | None = None) -> None:
+        """Mark an artifact used (a download): eviction takes the least recently used first."""
+        if is_key(key):
+            with self._tx() as db:
+                db.execute("UPDATE artifacts SET last_used_at = ? WHERE key = ?", (time.time() if now is None else now, key))
+
+    def cache_bytes(self) -> int:
+        """Total size of the published artifacts."""
+        row = self._one("SELECT COALESCE(SUM(bytes), 0) FROM artifacts")
+        return int(row[0]) if row is not None else 0
+
+    def evict_artifacts(self, *, max_bytes: int | None, max_age_s: float | None, keep: set[str] | frozenset[str] = frozenset(),
+                        now: float | None = None) -> list[tuple[str, str]]:
+        """Delete the rows of the artifacts to evict (one transaction); returns their ``(key, suffix)``.
+
+        Least recently used first (``last_used_at``, else ``created_at``): every artifact idle
+        for more than ``max_age_s``, then more until the total is at most ``max_bytes`` (None:
+        no limit). Never the keys in ``keep``, nor those of jobs still queued or running (a
+        build about to find its artifact, duplicates about to be settled by it).
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute("SELECT key, suffix, bytes, COALESCE(last_used_at, created_at) AS used FROM artifacts "
+                              "ORDER BY used, created_at, key").fetchall()
+            pinned = {row["key"] for row in db.execute("SELECT DISTINCT key FROM jobs WHERE status IN ('queued', 'running')")}
+            total = sum(int(row["bytes"]) for row in rows)
+            victims: list[tuple[str, str]] = []
+            for row in rows:
+                if row["key"] in pinned or row["key"] in keep:
+                    continue
+                too_old = max_age_s is not None and now - float(row["used"]) > max_age_s
+                too_big = max_bytes is not None and total > max_bytes
+                if too_old or too_big:
+                    victims.append((row["key"], row["suffix"]))
+                    total -= int(row["bytes"])
+            for key, _ in victims:
+                db.execute("DELETE FROM artifacts WHERE key = ?", (key,))
+        return victims
+
+
+def default_owner() -> str:
+    """This process as a lease owner: host, pid and a random tag (pids are reused)."""
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -495,10 +649,31 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-class ArtifactStore:
-    """The content-addressed artifact folder, the build scratch folders and the uploads."""
+DEFAULT_CACHE_MAX_BYTES = 10 * 1024**3
+DEFAULT_CACHE_MAX_AGE_S = 30 * 24 * 3600.0
 
-    def __init__(self, workdir: str | os.PathLike[str]) -> None:
+
+class ArtifactStore:
+    """The content-addressed artifact folder, the build scratch folders and the uploads.
+
+    Args:
+        workdir: the work folder (layout in the module docstring).
+        cache_max_bytes: total size of published artifacts kept by :meth:`evict` (None: no limit).
+        cache_max_age_s: artifacts unused for longer are evicted (None: no limit).
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], *, cache_max_bytes: int | None = DEFAULT_CACHE_MAX_BYTES,
+                 cache_max_age_s: float | None = DEFAULT_CACHE_MAX_AGE_S) -> None:
+        if cache_max_bytes is not None and cache_max_bytes < 0:
+            raise ValueError(f"cache_max_bytes={cache_max_bytes} must be >= 0 or None")
+        if cache_max_age_s is not None and cache_max_age_s < 0:
+            raise ValueError(f"cache_max_age_s={cache_max_age_s} must be >= 0 or None")
+        self.cache_max_bytes = cache_max_bytes
+        self.cache_max_age_s = cache_max_age_s
+        # publish and evict never interleave, so an eviction cannot unlink a file just re-published
+        self._cache_lock = threading.Lock()
+        self._served: dict[str, int] = {}
+        self._served_lock = threading.Lock()
         self.workdir = Path(workdir)
         self.cache = self.workdir / "cache"
         self.tmp = self.workdir / "tmp"
@@ -550,16 +725,55 @@ class ArtifactStore:
         with open(src, "rb+") as handle:
             os.fsync(handle.fileno())
         sha, size = sha256_file(src)
-        try:
-            os.replace(src, final)
-        except OSError:  # different file system: copy beside the target, then rename
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        with self._cache_lock:
+            try:
+                os.replace(src, final)
+            except OSError:  # different file system: copy beside the target, then rename
+                tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+                try:
+                    shutil.copyfile(src, tmp)
+                    with open(tmp, "rb+") as handle:
+                        os.fsync(handle.fileno())
+                    os.replace(tmp, final)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # a partial copy only fills the disk further
+                    raise
+            _fsync_dir(final.parent)
         return final, sha, size
+
+    @contextlib.contextmanager
+    def serving(self, key: str) -> Iterator[None]:
+        """Pin ``key`` while its file is being sent: :meth:`evict` skips it."""
+        with self._served_lock:
+            self._served[key] = self._served.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._served_lock:
+                count = self._served.pop(key, 1) - 1
+                if count > 0:
+                    self._served[key] = count
+
+    def evict(self, index: JobStore, *, keep: set[str] | frozenset[str] = frozenset(),
+              now: float | None = None) -> list[str]:
+        """Evict by ``cache_max_bytes``/``cache_max_age_s`` (see :meth:`JobStore.evict_artifacts`);
+        returns the keys evicted. Index rows go first (committed), then the files."""
+        if self.cache_max_bytes is None and self.cache_max_age_s is None:
+            return []
+        with self._cache_lock:
+            with self._served_lock:
+                pinned = set(keep) | set(self._served)
+            victims = index.evict_artifacts(max_bytes=self.cache_max_bytes, max_age_s=self.cache_max_age_s,
+                                            keep=pinned, now=now)
+            folders = set()
+            for key, suffix in victims:
+                path = self.path_for(key, suffix)
+                with contextlib.suppress(OSError):  # left behind: reconcile removes row-less files at start-up
+                    path.unlink()
+                folders.add(path.parent)
+            for folder in folders:
+                _fsync_dir(folder)
+        return [key for key, _ in victims]
 
     def reconcile(self, published: Mapping[str, str], keep_uploads: set[str]) -> dict[str, Any]:
         """Start-up clean-up: wipe scratch, drop unpublished cache files and stale uploads.
