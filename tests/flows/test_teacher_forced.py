@@ -119,3 +119,43 @@ def test_teacher_forced_onnxruntime_graph(tmp_path) -> None:
     assert {n.graph_zero_point for n in rep.nodes} == {0, 128}
     assert all(n.quantizer for n in rep.nodes)
     assert rep.max_diff <= 1 and rep.share <= 1e-4 and not rep.flagged(), rep.format_table()
+
+
+class _ObservedBatchNorm(torch.nn.Module):
+    """conv -> BatchNorm read by three quantized readers (a residual conv, its identity, a head): the ONNX
+    Runtime flavour folds the BatchNorm and puts an output observer in its place, and its readers
+    requantize the observer's codes - the LR-ASPP pattern (MobileNetV3 stage output read by the head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = torch.nn.BatchNorm2d(8)
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.bn0(self.conv0(x))
+        return self.conv1(y) + y, self.head(torch.relu(y))
+
+
+def test_requantization_nodes_are_matched_by_their_grid_not_the_producer_scope(tmp_path) -> None:
+    import trtquant
+
+    torch.manual_seed(0)
+    model = _ObservedBatchNorm().eval()
+    model.bn0.running_mean.uniform_(-0.5, 0.5)
+    model.bn0.running_var.uniform_(0.5, 2.0)
+    q = trtquant.quantize(model)
+    trtquant.calibrate(q, [torch.randn(4, 3, 16, 16) for _ in range(2)], method="percentile", progress=False)
+    observers = [n for n, m in q.named_modules() if n.endswith("ort_output_quantizer")]
+    assert "bn0.ort_output_quantizer" in observers, observers
+    x = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "observed_bn_ort.onnx"
+    export_onnx(q, x, path, target="onnxruntime", exporter="legacy")
+    report = teacher_forced(q, path, x)
+    # Requantizations read a dequantized tensor; none stands for the folded BatchNorm's observer.
+    requant = [n for n in report.nodes if n.tensor.endswith("__trtquant_dq")]
+    assert requant, [n.tensor for n in report.nodes]
+    assert all(n.quantizer != "bn0" and n.mismatched == 0 for n in requant), [
+        (n.node, n.quantizer, n.matched_by, n.share) for n in requant]
+    assert report.codes > 0 and not report.flagged(), [(n.node, n.quantizer, n.share) for n in report.flagged()]

@@ -464,7 +464,12 @@ def _match(q: Any, x: Tensor, got: Tensor, graph: _Grid, grids: Mapping[str, _Gr
     through ReLU/MaxPool reads a tensor of another size than its quantizer - screened on a sample of
     the codes, the three best checked in full.
     """
-    named = grids.get(_module_path(q.name)) if q.name else None
+    # Only an exporter's own Q node is named after its quantizer's scope ('.../input_quantizer/QuantizeLinear').
+    # A node the ONNX Runtime rewrite inserted ('<tensor>_q__ort12') is named after the tensor it reads:
+    # the producer's scope, which in the flavoured model can itself be a quantizer (a folded BatchNorm's
+    # output observer) - the wrong one for a requantization of that tensor by its readers.
+    own_name = bool(q.name) and q.name.rsplit("/", 1)[-1].startswith("QuantizeLinear")
+    named = grids.get(_module_path(q.name)) if own_name else None
     if named is not None:
         return named, "name"
     g_scale = max(float(graph.scale.float().max()), 1e-30)
