@@ -520,3 +520,20 @@ def test_config_reaches_the_cache_and_the_watchdog(tmp_path: Path) -> None:
         run(tmp_path, scenario, **config)
     assert built["manager"]["lease_s"] == 7.0
     assert built["artifacts"] == {"cache_max_bytes": 1234, "cache_max_age_s": 56.0}
+
+
+def test_serve_flags_reach_the_service_config() -> None:
+    from trtquant.cli.main import build_parser, main
+    from trtquant.service.__main__ import limits_from_args
+
+    args = build_parser().parse_args(["serve", "--max-tensor-elements", "1000", "--max-graph-gb", "0.5",
+                                      "--cache-max-gb", "0", "--cache-max-age-days", "2", "--lease-s", "9",
+                                      "--upload-timeout-s", "3"])
+    limits = limits_from_args(args)
+    assert limits == {"upload_read_timeout_s": 3.0, "max_tensor_elements": 1000, "max_graph_bytes": 1 << 29,
+                      "cache_max_bytes": None, "cache_max_age_s": 2 * 86400.0, "lease_s": 9.0}
+    ServiceConfig(workdir=Path("unused"), **limits)  # every key is a config field
+    defaults = limits_from_args(build_parser().parse_args(["serve"]))
+    config = ServiceConfig(workdir=Path("unused"))
+    assert all(getattr(config, k) == v for k, v in defaults.items()), (defaults, config)
+    assert main(["serve", "--lease-s", "0"]) == 2  # a bad limit is a usage error, before anything starts

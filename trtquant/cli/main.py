@@ -245,9 +245,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from ..service import serve
+    from ..service.__main__ import limits_from_args
 
     serve(host=a.host, port=a.port, db_path=a.db, workdir=a.workdir, workers=a.workers,
-          max_upload_mb=a.max_upload_mb, token_env=a.token_env, backend=None if a.backend == "auto" else a.backend)
+          max_upload_mb=a.max_upload_mb, token_env=a.token_env, backend=None if a.backend == "auto" else a.backend,
+          limits=limits_from_args(a))
     return 0
 
 
@@ -366,11 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-env", default="TRTQUANT_SERVICE_TOKEN",
                    help="environment variable holding the bearer token (auth off when unset)")
     s.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
+    from ..service.__main__ import add_limit_arguments
+
+    add_limit_arguments(s)
     s.set_defaults(func=cmd_serve)
     return p
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: Optional[str] = None) -> None:
     """Warnings as one readable line (category and message, which says what to do), no source line."""
     print(f"warning ({category.__name__}): {message}", file=file or sys.stderr)
 

@@ -12,12 +12,46 @@ import socket
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_TOKEN_ENV", "main", "serve"]
+__all__ = ["DEFAULT_TOKEN_ENV", "add_limit_arguments", "limits_from_args", "main", "serve"]
 
 DEFAULT_TOKEN_ENV = "TRTQUANT_SERVICE_TOKEN"
 DEFAULT_WORKDIR = "trtquant-service"
 
 _LOG = logging.getLogger("trtquant.service")
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The service's resource limits as flags (``trtquant serve`` and ``python -m trtquant.service`` share them)."""
+    parser.add_argument("--upload-timeout-s", type=float, default=60.0,
+                        help="longest wait for the next chunk of an upload, then 408 (default 60)")
+    parser.add_argument("--max-tensor-elements", type=int, default=1 << 26,
+                        help="largest tensor a model may declare, checked before building (default 2^26), 413 above")
+    parser.add_argument("--max-graph-gb", type=float, default=4.0,
+                        help="total size of a model's declared tensors in GiB (default 4), 413 above")
+    parser.add_argument("--cache-max-gb", type=float, default=10.0,
+                        help="artifact cache size in GiB before least-recently-used eviction (default 10; 0: no limit)")
+    parser.add_argument("--cache-max-age-days", type=float, default=30.0,
+                        help="evict artifacts unused this long (default 30; 0: never)")
+    parser.add_argument("--lease-s", type=float, default=60.0,
+                        help="a running build's lease; a build whose thread or process is gone fails after it (default 60)")
+
+
+def limits_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """:func:`add_limit_arguments`' flags as :class:`~trtquant.service.app.ServiceConfig` fields."""
+    for flag in ("upload_timeout_s", "max_tensor_elements", "max_graph_gb", "lease_s"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    for flag in ("cache_max_gb", "cache_max_age_days"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got {getattr(args, flag)}")
+    return {
+        "upload_read_timeout_s": float(args.upload_timeout_s),
+        "max_tensor_elements": int(args.max_tensor_elements),
+        "max_graph_bytes": int(args.max_graph_gb * (1 << 30)),
+        "cache_max_bytes": int(args.cache_max_gb * (1 << 30)) or None,
+        "cache_max_age_s": float(args.cache_max_age_days) * 86400.0 or None,
+        "lease_s": float(args.lease_s),
+    }
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -39,6 +73,7 @@ def serve(
     backend: str | None = None,
     log_level: str = "info",
     port_file: str | os.PathLike[str] | None = None,
+    limits: dict[str, object] | None = None,
 ) -> None:
     """Run the build service in the foreground until SIGINT/SIGTERM.
 
@@ -54,6 +89,8 @@ def serve(
         backend: ``auto`` (TensorRT when usable, else ONNX Runtime), ``tensorrt`` or ``onnxruntime``.
         log_level: uvicorn/service log level.
         port_file: write the bound port here once listening (for scripts and tests).
+        limits: further :class:`~trtquant.service.app.ServiceConfig` fields (resource limits; see
+            :func:`limits_from_args`).
 
     Raises:
         ImportError: the ``service`` extra (fastapi, uvicorn, python-multipart) is missing.
@@ -82,7 +119,7 @@ def serve(
         _LOG.warning("$%s is not set: the build API accepts requests without authentication", token_env)
     config = ServiceConfig.from_env(
         Path(workdir), db_path=None if db_path is None else Path(db_path), workers=int(workers),
-        max_upload_bytes=int(float(max_upload_mb) * 1024 * 1024), token=token, backend=backend,
+        max_upload_bytes=int(float(max_upload_mb) * 1024 * 1024), token=token, backend=backend, **(limits or {}),
     )
     app = create_app(config)
     sock = _bind(host, int(port))
@@ -111,9 +148,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="build backend (default: $TRTQUANT_SERVICE_BACKEND or auto)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
+    add_limit_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        limits = limits_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     serve(args.host, args.port, args.db_path, args.workdir, args.workers, args.max_upload_mb, args.token_env,
-          backend=args.backend, log_level=args.log_level, port_file=args.port_file)
+          backend=args.backend, log_level=args.log_level, port_file=args.port_file, limits=limits)
     return 0
 
 
