@@ -75,7 +75,7 @@ def build(name: str, family: str) -> nn.Module:
     kwargs: Dict[str, Any] = {"weights": None}
     if family in ("segmentation", "detection"):
         kwargs.update(weights_backbone=None, num_classes=21 if family == "segmentation" else 11)
-    if family == "detection":
+    if family == "detection" and not name.startswith("ssd"):  # SSDs resize to their own fixed 300/320
         kwargs.update(min_size=SIZE_HOLDER["size"], max_size=SIZE_HOLDER["size"])
     if name == "inception_v3":
         kwargs.update(aux_logits=False, init_weights=False)
