@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .methods import _check_quant_args, _divergence, _fake_quant_rows
+from .methods import _check_percentile, _check_quant_args, _divergence, _fake_quant_rows
 
 __all__ = ["HistogramStack", "stack_histograms", "max_amax_batched", "percentile_amax_batched",
            "mse_amax_batched", "entropy_amax_batched", "amax_batched"]
@@ -94,10 +94,7 @@ def max_amax_batched(stack: HistogramStack) -> Tensor:
 
 def percentile_amax_batched(stack: HistogramStack, percentile: float = 99.99) -> Tensor:
     """:func:`~trtquant.calib.methods.percentile_amax` for every row: one cumsum and one searchsorted."""
-    from .methods import percentile_amax
-
-    # Argument checks and messages are the per-histogram function's (run on a one-bin histogram).
-    percentile_amax(torch.ones(1), torch.tensor([0.0, 1.0]), percentile=percentile)
+    _check_percentile(percentile)
     cumulative = torch.cumsum(stack.counts.to(torch.float64), dim=1)
     target = (cumulative[:, -1] * (float(percentile) / 100.0)).unsqueeze(1)
     idx = torch.searchsorted(cumulative, target, side="left").squeeze(1)

@@ -80,6 +80,13 @@ def _check_quant_args(num_bits: int, unsigned: bool, start_bin: int, stride: int
         raise ValueError(f"stride must be an int >= 1, got {stride!r}")
 
 
+def _check_percentile(percentile: float) -> None:
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
+        raise TypeError(f"percentile must be a number, got {percentile!r}")
+    if not (0.0 < float(percentile) <= 100.0):
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+
+
 def _last_nonzero_upper_edge(counts: Tensor, edges: Tensor) -> Tensor:
     """edges[last non-zero bin + 1], computed on device (no sync)."""
     n = counts.numel()
@@ -127,10 +134,7 @@ def percentile_amax(hist: Tensor, edges: Tensor, percentile: float = 99.99) -> T
     exactly one bin width. The CDF is compared as ``cumsum(counts) >= total * percentile / 100``
     so percentile=100 lands exactly on the last non-zero bin.
     """
-    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
-        raise TypeError(f"percentile must be a number, got {percentile!r}")
-    if not (0.0 < float(percentile) <= 100.0):
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    _check_percentile(percentile)
     counts, edges32 = _prepare(hist, edges)
     cumulative = torch.cumsum(counts, dim=0)
     target = (cumulative[-1] * (float(percentile) / 100.0)).reshape(1)
