@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 FAMILIES = ("classification", "segmentation", "video", "detection")
-#: Attention models: their rows fill in as the transformer issue lands (placement of MHA is its scope).
+#: Attention models: their rows also count the attention blocks check_onnx finds fusable (C27).
 ATTENTION = ("vit_", "swin", "maxvit", "mvit")
 VIDEO_FRAMES = 8
 
@@ -266,6 +266,7 @@ def one_model(name: str, family: str, size: int, workdir: Path, speed: bool, per
         row["checker_errors"] = len(report.errors)
         row["checker_warnings"] = len(report.warnings)
         row["checker_by_rule"] = by_rule
+        row["attention_fusable"] = sum(f.rule == "C27-attention-fusable" for f in report.findings)
         stage = "teacher-forced parity"
         try:
             from trtquant.export.parity import teacher_forced
@@ -343,7 +344,8 @@ def _fmt(row: Dict[str, Any]) -> str:
     e2e, chaos = row.get("e2e"), row.get("chaos_floor")
     rules = ", ".join(f"{k} {v}" for k, v in sorted(row.get("checker_by_rule", {}).items())) or "-"
     speed = row.get("ort_speed")
-    note = "; ".join(x for x in (row.get("note"), f"failed at {row['failed_at']}: {row['error']}"
+    attention = f"{row['attention_fusable']} attention blocks INT8-fusable (C27)" if row.get("attention_fusable") else None
+    note = "; ".join(x for x in (row.get("note"), attention, f"failed at {row['failed_at']}: {row['error']}"
                                   if row.get("failed_at") else None) if x)
     return (f"| {row['model']} | {row.get('quantizers', '-')} | {row.get('checker_errors', '-')} / "
             f"{row.get('checker_warnings', '-')} | {rules} | {tf_s(row.get('teacher_forced'))} | "
@@ -428,8 +430,6 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 row = {"model": name, "family": fam, "size": args.size, "failed_at": "timeout",
                        "error": f"over {args.timeout} s", "seconds": args.timeout}
-            if name.startswith(ATTENTION):
-                row["note"] = "attention model: the transformer issue" + (f" ({row['error']})" if row.get("error") else "")
             rows = [r for r in rows if r["model"] != name] + [row]
             _common.dump(args.out, {"meta": meta, "rows": rows})
             print("  " + _fmt(row), flush=True)

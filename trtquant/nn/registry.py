@@ -6,7 +6,7 @@ from typing import Dict, Type
 
 from torch import nn
 
-from . import conv, linear, pool
+from . import attention, conv, linear, pool
 
 QUANT_MODULE_MAP: Dict[Type[nn.Module], type] = {
     nn.Conv1d: conv.QuantConv1d,
@@ -16,6 +16,7 @@ QUANT_MODULE_MAP: Dict[Type[nn.Module], type] = {
     nn.ConvTranspose2d: conv.QuantConvTranspose2d,
     nn.ConvTranspose3d: conv.QuantConvTranspose3d,
     nn.Linear: linear.QuantLinear,
+    nn.MultiheadAttention: attention.QuantMultiheadAttention,
     nn.MaxPool1d: pool.QuantMaxPool1d,
     nn.MaxPool2d: pool.QuantMaxPool2d,
     nn.MaxPool3d: pool.QuantMaxPool3d,

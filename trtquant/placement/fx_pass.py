@@ -37,7 +37,7 @@ from ..nn.registry import QUANT_MODULE_MAP
 from ..nn.pool import QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d
 from ..graph.dag import concat_quantizer_groups, residual_split
 from ..quantizer import SharedQuantResult, TensorQuantizer
-from . import rules
+from . import attention, rules
 from .fx_dag import FxDag, binary_op
 from .ort_observers import add_output_observers_
 
@@ -93,7 +93,8 @@ class _QuantTracer(fx.Tracer):
         self.calls: Dict[str, List[Optional[CallRecord]]] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantInputMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (QuantInputMixin, TensorQuantizer)) or attention.is_functional_attention(m) \
+            or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         try:
@@ -144,6 +145,10 @@ def _site_kind(n: fx.Node) -> Optional[str]:
         return "pool"
     if n.op == "call_function" and n.target in rules.WEIGHTED_FUNCTIONS:
         return "call"
+    if attention.matmul_operands(n) is not None:
+        return "bmm"
+    if attention.is_sdpa(n):
+        return "sdpa"
     return None
 
 
@@ -295,6 +300,9 @@ def apply_trt_placement(model: nn.Module, cfg, select: Optional[Select] = None) 
         state.traced = True
         roots = [("", model, graph, calls)]
     for prefix, root, graph, calls in roots:
+        if graph is None:  # an attention module that does not trace
+            _runtime_attention(prefix, root, cfg, state, select)
+            continue
         _place(model, prefix, root, graph, calls, cfg, state, select)
     setattr(model, _STATE_ATTR, state)
     return state
@@ -309,7 +317,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def traceable_subtrees(module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module, fx.Graph, Dict]]:
+def traceable_subtrees(module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module, Optional[fx.Graph], Dict]]:
     """(name, submodule, graph, calls) of the largest submodules of ``module`` that trace.
 
     Top-down: a child that traces is taken whole; one that does not is searched the same way.
@@ -324,6 +332,9 @@ def traceable_subtrees(module: nn.Module, prefix: str = "") -> List[Tuple[str, n
         try:
             graph, calls = trace_recording(child)
         except Exception as e:
+            if attention.is_attention_module(child):
+                out.append((full, child, None, {}))  # attention quantized at run time (see _place)
+                continue
             logger.debug("placement: %s does not trace (%s); trying its children", full, _clip(e))
             out.extend(traceable_subtrees(child, full))
             continue
@@ -336,6 +347,7 @@ def _place(model: nn.Module, prefix: str, root: nn.Module, graph: fx.Graph, call
     """The graph rules on one traced (sub)module ``root`` named ``prefix`` in ``model``."""
     modules = dict(root.named_modules())
     dag = FxDag(graph, modules)
+    hidden = _hidden_attention(prefix, root, graph, modules, cfg, state, select)
 
     # Sites (Adds, functional pools and conv/linear calls) per owning module, in execution order; which
     # input to quantize is decided here, on the whole graph, where both branches are visible.
@@ -345,10 +357,16 @@ def _place(model: nn.Module, prefix: str, root: nn.Module, graph: fx.Graph, call
         if kind is None:
             continue
         owner = _owner(n)
+        if any(owner == h or owner.startswith(h + ".") for h in hidden):
+            continue  # a leaf now: its attention is quantized at run time
         if kind == "add":
             idx = _identity_index(n, dag)
         elif kind == "pool":
             idx = 0
+        elif kind in ("bmm", "sdpa"):
+            idx = attention.role(n, dag) if kind == "bmm" else kind
+            if idx is not None and select is not None and not select(_join(prefix, owner), modules.get(owner, root)):
+                idx = None
         else:
             idx = _call_site(n)
             owner_module = modules.get(owner, root)
@@ -373,6 +391,32 @@ def _place(model: nn.Module, prefix: str, root: nn.Module, graph: fx.Graph, call
     # Conv outputs the ONNX Runtime graph needs a scale for (ort_only: TensorRT never sees them).
     for name in add_output_observers_(root, graph):
         state.rules[_join(prefix, name)] = rules.RULE_ORT_OUTPUT
+
+
+def _runtime_attention(name: str, module: nn.Module, cfg, state: PlacementState, select: Optional[Select]) -> bool:
+    """Quantize the attention of ``module`` (a ``name``d owner) at run time: its matmuls, scaled dot-product
+    attention and any F.linear on its quantized layers' weights (:mod:`.attention`)."""
+    if select is not None and not select(name, module):
+        return False
+    for qname, rule in attention.make_functional_attention(module, cfg):
+        state.rules[_join(name, qname)] = rule
+    return True
+
+
+def _hidden_attention(prefix: str, root: nn.Module, graph: fx.Graph, modules: Dict[str, nn.Module], cfg,
+                      state: PlacementState, select: Optional[Select]) -> List[str]:
+    """Owners whose attention runs inside an fx-wrapped function (Swin): quantized at run time instead."""
+    done = []
+    for owner in attention.hidden_attention_owner(graph, modules):
+        module = modules.get(owner, root)
+        full = _join(prefix, owner)
+        if not _runtime_attention(full, module, cfg, state, select):
+            continue
+        for layer in attention.routed_layers(module):
+            for q in ("input_quantizer", "weight_quantizer"):
+                state.rules[_join(_join(full, layer), q)] = attention.RULE_ROUTED
+        done.append(owner)
+    return done
 
 
 def share_results(model: nn.Module, groups: List[List[str]]) -> List[List[str]]:
@@ -434,6 +478,13 @@ def _rewrite_owner(root: nn.Module, owner: str, sites: List[Tuple[str, Optional[
             continue
         if kind == "call":
             _quantize_call(module, graph, n, cfg, state, _join(prefix, owner))
+            changed = True
+            continue
+        if kind in ("bmm", "sdpa"):
+            made = attention.quantize_sdpa(module, graph, n, cfg, _free_name) if kind == "sdpa" else \
+                attention.quantize_matmul(module, graph, n, str(idx), cfg, _free_name)
+            for qname, rule in made:
+                state.rules[_join(_join(prefix, owner), qname)] = rule
             changed = True
             continue
         base = "residual_quantizer" if kind == "add" else "pool_quantizer"
@@ -547,6 +598,8 @@ def placement_report(model: nn.Module) -> Dict[str, object]:
             continue
         rule = state.rules.get(name)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if rule is None:
+            rule = getattr(parent, "quantizer_rules", {}).get(name.rsplit(".", 1)[-1])
         if rule is None and isinstance(parent, CallQuantMixin):
             rule = rules.RULE_CALL_WEIGHT if name.endswith("weight_quantizer") else rules.RULE_CALL_INPUT
         if rule is None:

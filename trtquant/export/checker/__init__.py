@@ -24,7 +24,8 @@ Rule ids (E error, W warning, I info):
     B11-axis E | B12-channel-axis E (W: grouped ConvTranspose) | B13-scalar E | B14-int4 E |
     B15-qdq-pairing W | B16-double-qdq W | C17-partial-quant W | C18-output-qdq W | C19-conv-act-qdq W |
     C20-residual-add W | C21-concat W | C22-redundant-qdq, C22-fusible, C22-float-island I |
-    C23-small-channel-conv W | C24-gemv W | C25-quantized-bias W (E: int32) | C26-dla E/I (target dla)
+    C23-small-channel-conv W | C24-gemv W | C25-quantized-bias W (E: int32) | C26-dla E/I (target dla) |
+    C27-attention-fusable I, C27-attention-float W, C27-attention-scale W (TensorRT's fused attention)
 A rule that crashes on an odd graph is reported as ``internal-error`` W instead of stopping the check.
 """
 
