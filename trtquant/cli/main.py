@@ -247,10 +247,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..service import serve
     from ..service.__main__ import limits_from_args
 
+    from ..service.__main__ import scale_out_from_args
+
     serve(host=a.host, port=a.port, db_path=a.db, workdir=a.workdir, workers=a.workers,
           max_upload_mb=a.max_upload_mb, token_env=a.token_env, backend=None if a.backend == "auto" else a.backend,
-          limits=limits_from_args(a))
+          limits={**limits_from_args(a), **scale_out_from_args(a)}, log_format=a.log_format)
     return 0
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    from ..service.worker import resolve_worker_args, run_worker
+
+    return run_worker(resolve_worker_args(a))
 
 
 # ---- parser --------------------------------------------------------------------------------------------
@@ -368,10 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-env", default="TRTQUANT_SERVICE_TOKEN",
                    help="environment variable holding the bearer token (auth off when unset)")
     s.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
-    from ..service.__main__ import add_limit_arguments
+    from ..service.__main__ import add_limit_arguments, add_scale_out_arguments
 
     add_limit_arguments(s)
+    add_scale_out_arguments(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("worker", help="scale-out build worker (one per GPU; consumes its GPU kind's queue)")
+    from ..service.worker import add_worker_arguments
+
+    add_worker_arguments(s)
+    s.set_defaults(func=cmd_worker)
     return p
 
 

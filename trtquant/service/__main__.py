@@ -11,8 +11,10 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DEFAULT_TOKEN_ENV", "add_limit_arguments", "limits_from_args", "main", "serve"]
+__all__ = ["DEFAULT_TOKEN_ENV", "add_limit_arguments", "add_scale_out_arguments", "limits_from_args", "main",
+           "scale_out_from_args", "serve"]
 
 DEFAULT_TOKEN_ENV = "TRTQUANT_SERVICE_TOKEN"
 DEFAULT_WORKDIR = "trtquant-service"
@@ -54,6 +56,51 @@ def limits_from_args(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of scale-out mode (``trtquant serve --scale-out`` and ``python -m trtquant.service``)."""
+    group = parser.add_argument_group("scale-out mode (API node; builds run on `trtquant worker` processes)")
+    group.add_argument("--scale-out", action="store_true",
+                       help="stateless API node: jobs in Postgres, builds on Celery workers per GPU kind")
+    group.add_argument("--database-url", default=None, help="Postgres URL (or $TRTQUANT_SERVICE_DATABASE_URL)")
+    group.add_argument("--broker-url", default=None, help="Celery broker, redis://... (or $TRTQUANT_SERVICE_BROKER_URL)")
+    group.add_argument("--shared-dir", default=None,
+                       help="artifact folder shared with the workers (or $TRTQUANT_SERVICE_SHARED_DIR; default --workdir)")
+    group.add_argument("--key-prefix", default=None, help="Redis key prefix (or $TRTQUANT_SERVICE_KEY_PREFIX)")
+    group.add_argument("--worker-ttl-s", type=float, default=15.0, help="a worker silent this long is offline (default 15)")
+    group.add_argument("--no-worker-grace-s", type=float, default=60.0,
+                       help="a queued build of a kind without workers fails after this (default 60)")
+    group.add_argument("--max-attempts", type=int, default=3, help="claims of a build before a lost worker fails it")
+    group.add_argument("--watchdog-s", type=float, default=None, help="watchdog period (default lease/4, 0.5-5 s)")
+    group.add_argument("--log-format", choices=("text", "json"), default=None,
+                       help="log lines as text or JSON objects (default: json in scale-out mode)")
+
+
+def scale_out_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """:func:`add_scale_out_arguments`' flags (and their environment variables) as ServiceConfig fields."""
+    if not getattr(args, "scale_out", False):
+        return {}
+    from trtquant.settings import env_value
+
+    fields: dict[str, object] = {
+        "scale_out": True,
+        "database_url": args.database_url or env_value("TRTQUANT_SERVICE_DATABASE_URL"),
+        "broker_url": args.broker_url or env_value("TRTQUANT_SERVICE_BROKER_URL"),
+        "redis_key_prefix": args.key_prefix or env_value("TRTQUANT_SERVICE_KEY_PREFIX"),
+        "worker_ttl_s": float(args.worker_ttl_s), "no_worker_grace_s": float(args.no_worker_grace_s),
+        "max_attempts": int(args.max_attempts), "watchdog_interval_s": args.watchdog_s,
+    }
+    shared = args.shared_dir or env_value("TRTQUANT_SERVICE_SHARED_DIR")
+    if shared:
+        fields["shared_dir"] = Path(shared)
+    missing = [name for name in ("database_url", "broker_url") if not fields[name]]
+    if missing:
+        raise ValueError(f"--scale-out needs {' and '.join('--' + m.replace('_', '-') for m in missing)} "
+                         "(or $TRTQUANT_SERVICE_DATABASE_URL / $TRTQUANT_SERVICE_BROKER_URL)")
+    if fields["max_attempts"] < 1 or fields["worker_ttl_s"] <= 0:  # type: ignore[operator]
+        raise ValueError("--max-attempts must be >= 1 and --worker-ttl-s > 0")
+    return fields
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=128)
@@ -74,6 +121,7 @@ def serve(
     log_level: str = "info",
     port_file: str | os.PathLike[str] | None = None,
     limits: dict[str, object] | None = None,
+    log_format: str | None = None,
 ) -> None:
     """Run the build service in the foreground until SIGINT/SIGTERM.
 
@@ -107,7 +155,13 @@ def serve(
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb={max_upload_mb} must be > 0")
     level = getattr(logging, log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scale_out = bool((limits or {}).get("scale_out"))
+    if scale_out or log_format == "json":
+        from trtquant.service.logs import configure_logging
+
+        configure_logging(log_level, log_format or "json")
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trtquant.settings import env_value, get_settings
 
     if token_env == DEFAULT_TOKEN_ENV:
@@ -129,8 +183,10 @@ def serve(
 
         atomic_write_bytes(port_file, str(bound).encode())
     _LOG.info("listening on http://%s:%d (docs at /docs)", host if ":" not in host else f"[{host}]", bound)
+    json_logs = scale_out or log_format == "json"
+    extra: dict[str, Any] = {"log_config": None} if json_logs else {}  # uvicorn's records reach the root's JSON handler
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level.lower(), access_log=level <= logging.DEBUG,
-                                           timeout_graceful_shutdown=30))
+                                           timeout_graceful_shutdown=30, **extra))
     server.run(sockets=[sock])
 
 
@@ -149,13 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
     add_limit_arguments(parser)
+    add_scale_out_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        limits = limits_from_args(args)
+        limits = {**limits_from_args(args), **scale_out_from_args(args)}
     except ValueError as e:
         parser.error(str(e))
     serve(args.host, args.port, args.db_path, args.workdir, args.workers, args.max_upload_mb, args.token_env,
-          backend=args.backend, log_level=args.log_level, port_file=args.port_file, limits=limits)
+          backend=args.backend, log_level=args.log_level, port_file=args.port_file, limits=limits,
+          log_format=args.log_format)
     return 0
 
 

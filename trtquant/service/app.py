@@ -19,6 +19,12 @@ Endpoints (OpenAPI UI at ``/docs``, schema at ``/openapi.json``):
   benchmark (when requested), build metadata, ORT parity check.
 * ``GET /healthz`` — backend, version, queue depth (no auth: for container health checks).
 
+Scale-out mode (``ServiceConfig.scale_out``, :mod:`~trtquant.service.scale_out`): ``POST
+/v1/builds?kinds=a,b`` (default: every GPU kind online) answers one job per kind; ``GET`` on
+the submission shows each kind's state; ``/artifact?kind=`` picks one kind's artifact (sha256
+checked before serving); ``/healthz`` covers Postgres and the broker (503 when either is
+down); ``GET /metrics`` is the Prometheus endpoint.
+
 Uploads are streamed to disk in the work folder; the byte count is enforced while
 streaming (and up front from ``Content-Length``), so an oversized upload is never held in
 memory. Bearer-token auth is on when the token environment variable is non-empty.
@@ -45,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -94,6 +100,19 @@ class ServiceConfig:
             never an artifact a job still needs or a download in progress (None: no limit).
         reference_input_budget_bytes: largest input set the ONNX Runtime reference run draws
             (the build fails with a clear message above it, before allocating).
+        scale_out: run as a stateless API node of the scale-out mode (jobs in Postgres, builds
+            on Celery workers per GPU kind; see :mod:`~trtquant.service.scale_out`). Off: the
+            embedded mode (SQLite, build threads in this process).
+        database_url: Postgres URL of the job store (scale-out).
+        broker_url: Celery broker URL, ``redis://...`` (scale-out).
+        shared_dir: artifact and upload folder shared by every node (scale-out; default ``workdir``).
+        redis_key_prefix: prefix of this deployment's Redis keys (scale-out).
+        worker_ttl_s: a worker whose heartbeat is older is offline (scale-out).
+        no_worker_grace_s: a queued build of a kind with no worker online fails after this (scale-out).
+        max_attempts: claims of one build before a lost worker fails it instead of requeueing (scale-out).
+        watchdog_interval_s: period of the scale-out watchdog (default lease_s/4, 0.5-5 s).
+        redispatch_after_s: re-send a build still queued this long after it was sent (a broker
+            that lost its queue); duplicates are no-ops (scale-out).
     """
 
     workdir: Path
@@ -111,6 +130,16 @@ class ServiceConfig:
     cache_max_bytes: int | None = 10 << 30
     cache_max_age_s: float | None = 30 * 86400.0
     reference_input_budget_bytes: int | None = 1 << 30
+    scale_out: bool = False
+    database_url: str | None = None
+    broker_url: str | None = None
+    shared_dir: Path | None = None
+    redis_key_prefix: str | None = None
+    worker_ttl_s: float = 15.0
+    no_worker_grace_s: float = 60.0
+    max_attempts: int = 3
+    watchdog_interval_s: float | None = None
+    redispatch_after_s: float = 900.0
 
     @classmethod
     def from_env(cls, workdir: str | os.PathLike[str], **kwargs: Any) -> ServiceConfig:
@@ -665,6 +694,20 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.scale_out:
+            from trtquant.service.scale_out import ScaleOut
+
+            scale = await run_in_threadpool(ScaleOut, config)
+            scale.start()
+            state.update(store=scale.store, artifacts=scale.artifacts, backend=None, manager=scale, scale=scale,
+                         validate=asyncio.Semaphore(max(1, config.validate_concurrency)))
+            _LOG.info("trtquant service: scale-out API node, shared folder %s, auth %s", scale.artifacts.workdir,
+                      "on" if token else "off")
+            try:
+                yield
+            finally:
+                await run_in_threadpool(scale.stop)
+            return
         artifacts = ArtifactStore(workdir, cache_max_bytes=config.cache_max_bytes, cache_max_age_s=config.cache_max_age_s)
         db_path = Path(config.db_path or workdir / "jobs.db")
         locks = [_exclusive_lock(workdir / ".service.lock"), _exclusive_lock(db_path.with_name(db_path.name + ".lock"))]
@@ -694,6 +737,14 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         lifespan=lifespan,
     )
     bearer = HTTPBearer(auto_error=False, description="Bearer token (when the service sets one)")
+
+    if config.scale_out:
+        from trtquant.service.pg_store import StoreUnavailable
+
+        @app.exception_handler(StoreUnavailable)
+        async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+            _LOG.error("job database unreachable: %s", exc)
+            return JSONResponse({"detail": "the job database is unreachable; try again shortly"}, status_code=503)
 
     async def require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if token is None:
@@ -732,6 +783,24 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
             "artifact": artifact, "report_url": f"/v1/builds/{job.id}/report",
         }
 
+    async def _submit_scale_out(scale: Any, part: Path, sha: str, sink: _MultipartSink, options: BuildOptions,
+                                inputs: dict[str, Any], report: dict[str, Any], kinds: list[str] | None) -> JSONResponse:
+        """Commit the submission (one job per kind) to Postgres, then answer 202."""
+        from trtquant.service.pg_store import StoreUnavailable
+        from trtquant.service.scale_out import ScaleOutRejected
+
+        try:
+            body = await run_in_threadpool(
+                scale.submit, upload=part, onnx_sha256=sha, onnx_bytes=sink.file_bytes, filename=sink.filename,
+                options=options, inputs=inputs, check_report=report, kinds=kinds)
+        except ScaleOutRejected as exc:
+            raise _Rejected(exc.status, exc.detail, **exc.extra) from None
+        except StoreUnavailable:
+            raise _Rejected(503, "the job database is unreachable; try again shortly") from None
+        except OSError as exc:
+            raise _storage_fault(exc, "storing the build") from None
+        return JSONResponse(body, status_code=202, headers={"Location": body["url"]})
+
     options_schema = BuildOptions.model_json_schema()
     upload_body = {
         "required": True,
@@ -761,6 +830,16 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         """Upload a Q/DQ ONNX and build options; returns the build id (202)."""
         _, parse_options_header = _multipart()
         limit = config.max_upload_bytes
+        scale = state.get("scale")
+        target_kinds: list[str] | None = None
+        if scale is not None:
+            from trtquant.service.scale_out import ScaleOutRejected, parse_kinds
+
+            try:
+                target_kinds = parse_kinds(request.query_params.get("kinds"))
+            except ScaleOutRejected as exc:
+                await _drain(request, DRAIN_LIMIT_BYTES, read_timeout)
+                return JSONResponse({"detail": exc.detail}, status_code=exc.status)
         kind, params = parse_options_header(request.headers.get("content-type", ""))
         boundary = params.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
@@ -819,6 +898,10 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
                 raise _Rejected(422, "no QuantizeLinear/DequantizeLinear: quantize and export with trtquant first, "
                                      "or set allow_float=true", report=report)
             problems = check_shapes(options, inputs)
+            if scale is not None:
+                if problems:
+                    raise _Rejected(422, "shapes do not fit the model", problems=problems, inputs=inputs)
+                return await _submit_scale_out(scale, part, sha, sink, options, inputs, report, target_kinds)
             if state["backend"].name == "tensorrt":
                 problems += [f"input {name!r} {dims} has dynamic dimensions: TensorRT needs an optimization profile, "
                              f"pass shapes={{{name!r}: {{min, opt, max}}}}"
@@ -849,21 +932,50 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
 
     @app.get("/v1/builds/{job_id}", tags=["builds"], dependencies=[Depends(require_token)])
     def get_build(job_id: str = job_id_param) -> dict[str, Any]:
-        """Status, error, build log (live while running), timestamps and backend of a build."""
+        """Status, error, build log (live while running), timestamps and backend of a build.
+        Scale-out: a submission id gives each target kind's state (``kinds``)."""
+        if state.get("scale") is not None:
+            view = state["scale"].view(job_id)
+            if view is not None:
+                return view
+            row = state["store"].job_row(job_id)
+            if row is not None:
+                return {**_job_view(Job.from_row(row)), "kind": row["kind"], "attempts": row["attempts"],
+                        "submission_id": row["submission_id"]}
         return _job_view(_job_or_404(job_id))
 
     @app.get("/v1/builds/{job_id}/artifact", tags=["builds"], dependencies=[Depends(require_token)],
              response_class=StreamingResponse,
              responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "unknown build"},
                         409: {"description": "the build has not succeeded"}})
-    def get_artifact(job_id: str = job_id_param) -> StreamingResponse:
-        """The engine (TensorRT backend) or the ORT-optimized ONNX (ONNX Runtime backend)."""
-        job = _job_or_404(job_id)
+    def get_artifact(job_id: str = job_id_param,
+                     kind: str | None = Query(None, max_length=128, description="scale-out: the GPU kind")) -> StreamingResponse:
+        """The engine (TensorRT backend) or the ORT-optimized ONNX (ONNX Runtime backend).
+        Scale-out: ``?kind=`` picks the kind of a multi-kind submission; the file's sha256 is
+        checked against the record before it is served."""
+        scale = state.get("scale")
+        if scale is not None:
+            from trtquant.service.scale_out import ScaleOutRejected
+
+            try:
+                found = scale.artifact_job(job_id, kind)
+            except ScaleOutRejected as exc:
+                raise HTTPException(exc.status, exc.detail) from None
+            if found is None:
+                raise HTTPException(404, f"no build {job_id}")
+            job = found
+        else:
+            job = _job_or_404(job_id)
         if job.status != "succeeded":
             raise HTTPException(409, f"build {job.id} is {job.status}; an artifact exists only for succeeded builds")
         record = state["store"].artifact(job.key)
         if record is None or not state["artifacts"].is_complete(record):
             raise HTTPException(404, "the artifact is no longer in the cache; resubmit the build")
+        if scale is not None:
+            try:
+                scale.verified_path(record)
+            except ScaleOutRejected as exc:
+                raise HTTPException(exc.status, exc.detail) from None
         path = state["artifacts"].path_for(record.key, record.suffix)
         # Opened while pinned: eviction skips it, and an open file stays readable even if evicted later.
         with state["artifacts"].serving(record.key):
@@ -884,7 +996,14 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
 
     @app.get("/v1/builds/{job_id}/report", tags=["builds"], dependencies=[Depends(require_token)])
     def get_report(job_id: str = job_id_param) -> dict[str, Any]:
-        """Validator report, layer precision (TensorRT), benchmark, build metadata."""
+        """Validator report, layer precision (TensorRT), benchmark, build metadata.
+        Scale-out: a submission id gives ``{"kinds": {kind: report}}``."""
+        scale = state.get("scale")
+        if scale is not None:
+            view = scale.view(job_id)
+            if view is not None:
+                return {"id": job_id, "status": view["status"],
+                        "kinds": {kind: get_report(entry["job_id"]) for kind, entry in view["kinds"].items()}}
         job = _job_or_404(job_id)
         extra: dict[str, Any] = {}
         if job.status == "succeeded":
@@ -897,9 +1016,27 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
             "build": extra.get("build"), "parity": extra.get("parity"), "build_time_s": extra.get("build_time_s"),
         }
 
+    @app.get("/metrics", tags=["service"], include_in_schema=True)
+    def metrics() -> Response:
+        """Prometheus metrics (scale-out mode; no auth, like ``/healthz``): queue depth, running
+        builds and workers per kind, build-duration histogram, failures, cache hits."""
+        scale = state.get("scale")
+        if scale is None:
+            raise HTTPException(404, "metrics are served in scale-out mode only")
+        from trtquant.service.metrics import StoreCollector, render
+
+        body, content_type = render(StoreCollector(scale.store, scale.worker_ttl_s))
+        return Response(body, media_type=content_type)
+
     @app.get("/healthz", tags=["service"])
-    def healthz() -> dict[str, Any]:
-        """Liveness plus backend, version and queue depth (no auth)."""
+    def healthz() -> Any:
+        """Liveness plus backend, version and queue depth (no auth). Scale-out: 503 unless both
+        Postgres and the broker answer; kinds online with their workers and queue depth."""
+        if state.get("scale") is not None:
+            status, body = state["scale"].health()
+            body.update(service="trtquant", version=trtquant.__version__, auth=token is not None,
+                        max_upload_bytes=config.max_upload_bytes)
+            return JSONResponse(body, status_code=status)
         counts = state["store"].counts()
         return {
             "status": "ok", "service": "trtquant", "version": trtquant.__version__,
