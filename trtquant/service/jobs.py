@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -190,6 +190,32 @@ def _short_traceback(exc: BaseException, limit: int = 8) -> str:
     """The last frames as ``file.py:line in function`` (base names only: no server paths)."""
     frames = traceback.extract_tb(exc.__traceback__)[-limit:]
     return "".join(f"  {Path(frame.filename).name}:{frame.lineno} in {frame.name}\n" for frame in frames)
+
+
+def build_in_scratch(backend: Backend, job: Any, upload: Path, scratch: Path, log: Callable[[str], None],
+                     build_delay_s: float, hidden: Sequence[str]) -> tuple[Any, Path, float, dict[str, Any] | None]:
+    """Build ``upload`` in ``scratch`` (the test build delay after it), then the optional benchmark: (the
+    backend's output, artifact, build seconds, benchmark or its error). Shared by the embedded build threads and the scale-out workers."""
+    started = time.perf_counter()
+    output = backend.build(upload, job.options, job.inputs, scratch, log)
+    artifact = Path(output.artifact_path)
+    if artifact.parent.resolve() != scratch.resolve() or not artifact.is_file():
+        raise RuntimeError(f"backend {backend.name} left no artifact in its scratch folder")
+    build_s = time.perf_counter() - started
+    log(f"build finished in {build_s:.2f} s")
+    if build_delay_s > 0:
+        log(f"test hook {BUILD_DELAY_ENV}: sleeping {build_delay_s} s before publishing")
+        time.sleep(build_delay_s)
+    benchmark = None
+    if job.options.get("benchmark"):
+        log(f"benchmark: {job.options.get('benchmark_duration_s')} s timed loop")
+        try:
+            benchmark = backend.benchmark(artifact, job.options, job.inputs,
+                                          float(job.options.get("benchmark_duration_s", 1.0)))
+        except Exception as exc:  # the engine is fine; report why the benchmark is missing
+            benchmark = {"error": _describe_fault(exc, hidden)}
+            log(f"benchmark failed: {benchmark['error']}")
+    return output, artifact, build_s, benchmark
 
 
 class BuildManager:
@@ -365,26 +391,9 @@ class BuildManager:
                 return
             if not upload.is_file():
                 raise FileNotFoundError("the uploaded ONNX is missing from the work folder")
-            scratch = self.artifacts.scratch(job.id)
-            started = time.perf_counter()
-            output = backend.build(upload, job.options, job.inputs, scratch, log)
-            artifact = Path(output.artifact_path)
-            if artifact.parent.resolve() != scratch.resolve() or not artifact.is_file():
-                raise RuntimeError(f"backend {backend.name} left no artifact in its scratch folder")
-            build_s = time.perf_counter() - started
-            log(f"build finished in {build_s:.2f} s")
-            if self.build_delay_s > 0:
-                log(f"test hook {BUILD_DELAY_ENV}: sleeping {self.build_delay_s} s before publishing")
-                time.sleep(self.build_delay_s)
-            benchmark = None
-            if job.options.get("benchmark"):
-                log(f"benchmark: {job.options.get('benchmark_duration_s')} s timed loop")
-                try:
-                    benchmark = backend.benchmark(artifact, job.options, job.inputs,
-                                                  float(job.options.get("benchmark_duration_s", 1.0)))
-                except Exception as exc:  # the engine is fine; report why the benchmark is missing
-                    log(f"benchmark failed: {_describe_fault(exc, self._hidden)}")
-                    benchmark = {"error": _describe_fault(exc, self._hidden)}
+            output, artifact, build_s, benchmark = build_in_scratch(
+                backend, job, upload, self.artifacts.scratch(job.id), log,
+                self.build_delay_s, self._hidden)
             stage = "publishing the artifact"
             published, sha, size = self.artifacts.publish(job.key, artifact, backend.artifact_suffix)
             log(f"published artifact {job.key}{backend.artifact_suffix} ({size} bytes, sha256 {sha})")

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from trtquant.service.backends import Backend
-from trtquant.service.jobs import BUILD_DELAY_ENV, _describe_fault, _JobLog, _short_traceback, _ThreadLogHandler
+from trtquant.service.jobs import (BUILD_DELAY_ENV, _describe_fault, _JobLog, _short_traceback, _ThreadLogHandler,
+                                   build_in_scratch)
 from trtquant.service.kinds import KIND_ENV, WorkerKind, queue_name
 from trtquant.service.store import ArtifactRecord, ArtifactStore, default_owner
 
@@ -171,26 +172,9 @@ class BuildWorker:
                 return "cached"
             if not upload.is_file():
                 raise FileNotFoundError("the uploaded ONNX is missing from the shared folder")
-            scratch = self.artifacts.scratch(job.id)
-            started = time.perf_counter()
-            output = backend.build(upload, job.options, job.inputs, scratch, log)
-            artifact = Path(output.artifact_path)
-            if artifact.parent.resolve() != scratch.resolve() or not artifact.is_file():
-                raise RuntimeError(f"backend {backend.name} left no artifact in its scratch folder")
-            build_s = time.perf_counter() - started
-            log(f"build finished in {build_s:.2f} s")
-            if self.build_delay_s > 0:
-                log(f"test hook {BUILD_DELAY_ENV}: sleeping {self.build_delay_s} s before publishing")
-                time.sleep(self.build_delay_s)
-            benchmark = None
-            if job.options.get("benchmark"):
-                log(f"benchmark: {job.options.get('benchmark_duration_s')} s timed loop")
-                try:
-                    benchmark = backend.benchmark(artifact, job.options, job.inputs,
-                                                  float(job.options.get("benchmark_duration_s", 1.0)))
-                except Exception as exc:  # the engine is fine; report why the benchmark is missing
-                    benchmark = {"error": _describe_fault(exc, self._hidden)}
-                    log(f"benchmark failed: {benchmark['error']}")
+            output, artifact, build_s, benchmark = build_in_scratch(
+                backend, job, upload, self.artifacts.scratch(job.id), log,
+                self.build_delay_s, self._hidden)
             stage = "publishing the artifact"
             published, sha, size = self.artifacts.publish(job.key, artifact, backend.artifact_suffix)
             log(f"published artifact {job.key}{backend.artifact_suffix} ({size} bytes, sha256 {sha})")
