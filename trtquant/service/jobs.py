@@ -195,7 +195,8 @@ def _short_traceback(exc: BaseException, limit: int = 8) -> str:
 def build_in_scratch(backend: Backend, job: Any, upload: Path, scratch: Path, log: Callable[[str], None],
                      build_delay_s: float, hidden: Sequence[str]) -> tuple[Any, Path, float, dict[str, Any] | None]:
     """Build ``upload`` in ``scratch`` (the test build delay after it), then the optional benchmark: (the
-    backend's output, artifact, build seconds, benchmark or its error). Shared by the embedded build threads and the scale-out workers."""
+    backend's output, artifact, build seconds, benchmark or its error). Shared by the embedded build threads
+    and the scale-out workers."""
     started = time.perf_counter()
     output = backend.build(upload, job.options, job.inputs, scratch, log)
     artifact = Path(output.artifact_path)
