@@ -109,6 +109,20 @@ def minilm(workdir: Path, rounds: int, threads: int, seq: int = 128, batch: int 
             "trt_graph_errors": len(rep.errors),
             "attention_fusable": sum(f.rule == "C27-attention-fusable" for f in rep.findings),
         }
+    # Reference: ONNX Runtime's own dynamic INT8 quantization of the FP32 graph (every MatMul weight INT8,
+    # activations quantized at run time) - the speed ONNX Runtime itself reaches on this machine.
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        paths["ort quantize_dynamic"] = workdir / "minilm_ort_dynamic.onnx"
+        quantize_dynamic(str(paths["fp32"]), str(paths["ort quantize_dynamic"]), weight_type=QuantType.QInt8)
+        sess = ort_session(paths["ort quantize_dynamic"], optimize=True, threads=threads)
+        embs = [torch.from_numpy(np.asarray(sess.run(None, {n: b[n].numpy().astype(np.int64) for n in names})[0]))
+                for b in M.tokenize(tok, M.SENTENCES, batch_size=batch, max_length=seq, fixed_length=True)]
+        out["ort_quantize_dynamic_vs_fp32"] = M.compare_embeddings(ref, torch.cat(embs))
+    except Exception as e:  # a reference only
+        paths.pop("ort quantize_dynamic", None)
+        out["ort_quantize_dynamic_error"] = f"{type(e).__name__}: {e}"[:300]
     out["speed"] = speedup(paths, feed, rounds, threads)
     return out
 
