@@ -79,7 +79,9 @@ def minilm(workdir: Path, rounds: int, threads: int, seq: int = 128, batch: int 
     paths = {"fp32": workdir / "minilm_fp32.onnx"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(fp, example, str(paths["fp32"]), dynamo=True, input_names=names)
+        batch_dim = torch.export.Dim("batch", min=1)
+        torch.onnx.export(fp, example, str(paths["fp32"]), dynamo=True, input_names=names,
+                          dynamic_shapes=({0: batch_dim}, {0: batch_dim}))
     out: Dict[str, Any] = {"sequence": seq, "batch": batch, "variants": {}}
     variants = {"linear": dict(include=nn.Linear, exclude="bert.pooler*", placement=None),
                 "linear+attention": dict(exclude="bert.pooler*")}
@@ -118,7 +120,7 @@ def minilm(workdir: Path, rounds: int, threads: int, seq: int = 128, batch: int 
         quantize_dynamic(str(paths["fp32"]), str(paths["ort quantize_dynamic"]), weight_type=QuantType.QInt8)
         sess = ort_session(paths["ort quantize_dynamic"], optimize=True, threads=threads)
         embs = [torch.from_numpy(np.asarray(sess.run(None, {n: b[n].numpy().astype(np.int64) for n in names})[0]))
-                for b in M.tokenize(tok, M.SENTENCES, batch_size=batch, max_length=seq, fixed_length=True)]
+                for b in ev_fixed]
         out["ort_quantize_dynamic_vs_fp32"] = M.compare_embeddings(ref, torch.cat(embs))
     except Exception as e:  # a reference only
         paths.pop("ort quantize_dynamic", None)
