@@ -163,6 +163,28 @@ def test_compose_reserves_a_gpu_and_a_volume() -> None:
     assert ":latest" not in service.get("image", "")
 
 
+def test_scale_out_compose_roles() -> None:
+    """API nodes, one worker per GPU (each reserving its own device, all on the shared volume), Postgres and Redis
+    with health checks the others wait for; pinned images; no secret in the file."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the compose files")
+    text = (DOCKER / "compose.scale-out.yaml").read_text()
+    services = yaml.safe_load(text)["services"]
+    assert {"api", "postgres", "redis"} <= set(services)
+    workers = [s for n, s in services.items() if n.startswith("worker")]
+    assert len(workers) >= 2
+    ids = [w["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for w in workers]
+    assert len({tuple(i) for i in ids}) == len(ids)  # one GPU each
+    for s in [services["api"], *workers]:
+        assert any(str(v).startswith("trtquant-shared:") for v in s["volumes"])
+        assert {"postgres", "redis"} <= set(s["depends_on"])
+    for infra in ("postgres", "redis"):
+        assert "healthcheck" in services[infra] and ":latest" not in services[infra]["image"]
+    assert "--scale-out" in services["api"]["command"]
+    assert "password" not in text.lower().replace("postgres_password", "").replace("${postgres_password", "")
+    jetson = yaml.safe_load((DOCKER / "compose.jetson-worker.yaml").read_text())["services"]
+    assert any("Dockerfile.jetson" in str(s.get("build", {}).get("dockerfile", "")) for s in jetson.values())
+
+
 def test_readme_has_the_exact_commands() -> None:
     readme = (DOCKER / "README.md").read_text()
     for command in (
