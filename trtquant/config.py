@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import fnmatch
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
 from .descriptor import QuantDescriptor
@@ -39,6 +40,16 @@ class QuantConfig:
                 raise ValueError(f"unknown QuantConfig keys {unknown}; known: input, weight, overrides")
             return cls(**config)
         raise TypeError(f"config must be a QuantConfig, a dict or None, got {type(config).__name__}")
+
+    def for_module(self, name: str) -> "QuantConfig":
+        """The input/weight descriptors for the module ``name`` (its matching overrides applied in order), so the
+        quantizers placement adds in a module's forward (residual, pooling, functional calls, attention) follow
+        the same overrides as its layers."""
+        cfg = self
+        for pattern, override in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                cfg = replace(cfg, input=override.get("input", cfg.input), weight=override.get("weight", cfg.weight))
+        return cfg
 
 
 INT8_DEFAULT = QuantConfig()

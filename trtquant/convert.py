@@ -180,15 +180,10 @@ def quantize(
 
 
 def _descriptors_for(name: str, cfg: QuantConfig, quant_cls: type) -> dict:
-    descs = {"quant_desc_input": cfg.input}
+    own = cfg.for_module(name)
+    descs = {"quant_desc_input": own.input}
     if issubclass(quant_cls, QuantMixin):
-        descs["quant_desc_weight"] = cfg.weight  # None -> the class's per-channel default
-    for pattern, override in cfg.overrides.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            if "input" in override:
-                descs["quant_desc_input"] = override["input"]
-            if "weight" in override and "quant_desc_weight" in descs:
-                descs["quant_desc_weight"] = override["weight"]
+        descs["quant_desc_weight"] = own.weight  # None -> the class's per-channel default
     return descs
 
 

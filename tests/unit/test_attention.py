@@ -168,3 +168,16 @@ def test_transformer_residual_add_gets_no_identity_quantizer():
     """A Linear branch is not a Conv+Add fusion: no quantizer on the residual stream (ops.RESIDUAL_SOURCES)."""
     q = trtquant.quantize(HFStyleLayer(16, 2).eval())
     assert not [n for n, r in _rules(q).items() if "residual" in r]
+
+
+def test_overrides_reach_the_quantizers_placement_adds():
+    """QuantConfig overrides by module name apply to attention, functional-call and residual quantizers too."""
+    from trtquant.config import QuantConfig
+    from trtquant.descriptor import QuantDescriptor
+
+    special = QuantDescriptor(num_bits=8, calib_method="max", unsigned=False, narrow_range=True)
+    cfg = QuantConfig(overrides={"1": {"input": special}})
+    q = trtquant.quantize(nn.Sequential(HFStyleLayer(16, 2), HFStyleLayer(16, 2)).eval(), cfg)
+    for block, expect in (("0", False), ("1", True)):
+        for name in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer"):
+            assert q.get_submodule(f"{block}.{name}").quant_desc.narrow_range is expect, (block, name)

@@ -393,12 +393,17 @@ def _place(model: nn.Module, prefix: str, root: nn.Module, graph: fx.Graph, call
         state.rules[_join(prefix, name)] = rules.RULE_ORT_OUTPUT
 
 
+def _config_for(cfg, name: str):
+    """``cfg`` with the overrides matching module ``name`` applied (a QuantConfig; other configs as given)."""
+    return cfg.for_module(name) if hasattr(cfg, "for_module") else cfg
+
+
 def _runtime_attention(name: str, module: nn.Module, cfg, state: PlacementState, select: Optional[Select]) -> bool:
     """Quantize the attention of ``module`` (a ``name``d owner) at run time: its matmuls, scaled dot-product
     attention and any F.linear on its quantized layers' weights (:mod:`.attention`)."""
     if select is not None and not select(name, module):
         return False
-    for qname, rule in attention.make_functional_attention(module, cfg):
+    for qname, rule in attention.make_functional_attention(module, _config_for(cfg, name)):
         state.rules[_join(name, qname)] = rule
     return True
 
@@ -459,6 +464,7 @@ def _rewrite_owner(root: nn.Module, owner: str, sites: List[Tuple[str, Optional[
     """Replace the forward of ``owner`` (a module of ``root``) by its trace with the new quantizers."""
     module = root.get_submodule(owner) if owner else root
     full_owner = _join(prefix, owner) or "model"
+    cfg = _config_for(cfg, _join(prefix, owner))
     constants, why = agreed_constants(full_owner, calls if owner else None)
     if constants is None:
         _skip(state, full_owner, str(why))
