@@ -419,3 +419,34 @@ def test_fx_constants_and_self_gated_activations():
 
     assert weighted_source(dag, muls[2]) is conv  # Affine (mask) -> SelfGated -> Affine (scale) -> conv
     assert weighted_source(dag, muls[3]) is None  # a Mul of two tensors ends the epilogue
+
+
+def test_functional_conv_branch_is_a_residual_branch(tmp_path):
+    """``x + bn(F.conv2d(x, self.weight))``: the functional rule quantizes the call, so the Add gets its identity
+    quantizer like a module conv's (Conv+Add fuses in INT8), and the checker agrees (no C20)."""
+    import torch.nn.functional as F
+
+    from trtquant.export import check_onnx, export_onnx
+    from trtquant.placement import rules as R
+    from trtquant.placement.fx_pass import placement_report
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(8, 8, 3, padding=1)
+            self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return torch.relu(x + self.bn(F.conv2d(x, self.weight, padding=1)))
+
+    torch.manual_seed(0)
+    model = trtquant.quantize(nn.Sequential(Block()).eval())
+    rules = {e["quantizer"]: e["rule"] for e in placement_report(model)["quantizers"] if e["enabled"]}
+    assert sum(r == R.RULE_RESIDUAL for r in rules.values()) == 1, rules
+    x = torch.randn(2, 8, 8, 8)
+    trtquant.calibrate(model, [x], method="max", progress=False)
+    export_onnx(model, x, tmp_path / "m.onnx", exporter="legacy")
+    report = check_onnx(str(tmp_path / "m.onnx"))
+    assert not report.errors and not [f for f in report.findings if f.rule == "C20-residual-add"], report.format_table()

@@ -75,6 +75,9 @@ FUNCTION_OPS: Mapping[Any, str] = {
     torch.erf: "Erf", F.softplus: "Softplus", F.tanh: "Tanh", F.dropout1d: "Dropout", F.dropout2d: "Dropout",
     F.dropout3d: "Dropout", F.alpha_dropout: "Dropout", torch.clip: "Clip", torch.clamp_min: "Clip",
     torch.transpose: "Transpose", torch.permute: "Transpose", torch.reshape: "Reshape",
+    # Functional weighted calls (a conv applied with F.conv2d in a block's forward is a conv branch too).
+    F.conv1d: "Conv", F.conv2d: "Conv", F.conv3d: "Conv", F.conv_transpose1d: "ConvTranspose",
+    F.conv_transpose2d: "ConvTranspose", F.conv_transpose3d: "ConvTranspose", F.linear: "Gemm",
 }
 METHOD_OPS: Mapping[str, str] = {
     "relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid", "sigmoid_": "Sigmoid", "tanh": "Tanh", "erf": "Erf",

@@ -177,14 +177,17 @@ def _is_add(n: fx.Node) -> bool:
     return binary_op(n) == "Add"
 
 
-def _identity_index(add: fx.Node, dag: FxDag) -> Optional[int]:
+def _identity_index(add: fx.Node, dag: FxDag, quantized_calls: frozenset = frozenset()) -> Optional[int]:
     """Which Add input is the identity, when the other is a quantized weighted branch; else None.
 
-    The structural choice is :func:`trtquant.graph.dag.residual_split`, the checker's rule too.
+    The structural choice is :func:`trtquant.graph.dag.residual_split`, the checker's rule too. A branch from
+    a functional ``F.conv*d`` call counts when the functional rule quantizes that call (``quantized_calls``).
     """
     split = residual_split(dag, add)
     if split is None:
         return None
+    if split.source in quantized_calls:
+        return split.identity
     layer = dag.module(split.source)
     if not isinstance(layer, QuantMixin) or not layer.weight_quantizer.is_enabled:
         return None  # a float branch: TensorRT will not fuse an INT8 Add here
@@ -352,6 +355,7 @@ def _place(model: nn.Module, prefix: str, root: nn.Module, graph: fx.Graph, call
     # Sites (Adds, functional pools and conv/linear calls) per owning module, in execution order; which
     # input to quantize is decided here, on the whole graph, where both branches are visible.
     sites: Dict[str, List[Tuple[str, Optional[int]]]] = {}
+    quantized_calls: set = set()  # functional conv/linear calls the functional rule quantizes
     for n in graph.nodes:
         kind = _site_kind(n)
         if kind is None:
@@ -360,7 +364,7 @@ def _place(model: nn.Module, prefix: str, root: nn.Module, graph: fx.Graph, call
         if any(owner == h or owner.startswith(h + ".") for h in hidden):
             continue  # a leaf now: its attention is quantized at run time
         if kind == "add":
-            idx = _identity_index(n, dag)
+            idx = _identity_index(n, dag, frozenset(quantized_calls))
         elif kind == "pool":
             idx = 0
         elif kind in ("bmm", "sdpa"):
@@ -372,6 +376,8 @@ def _place(model: nn.Module, prefix: str, root: nn.Module, graph: fx.Graph, call
             owner_module = modules.get(owner, root)
             if idx is not None and select is not None and not select(_join(prefix, owner), owner_module):
                 idx = None
+            if idx is not None:
+                quantized_calls.add(n)
         sites.setdefault(owner, []).append((kind, idx))
     for owner in sorted(sites, key=lambda s: (-s.count("."), s)):
         if any(idx is not None for _, idx in sites[owner]):
