@@ -21,6 +21,7 @@ from .qat import amax_param_groups, clamp_learned_amax, freeze_bn_stats, prepare
 from .quantizer import TensorQuantizer
 from .sensitivity import FallbackReport, LayerSensitivity, auto_fallback, sensitivity
 from .states import QuantStateError, QuantStateWarning, get_state, set_state
+from .quant_modules import enable_onnx_export
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "set_state", "get_state", "QuantStateError", "QuantStateWarning",
     "prepare_qat", "amax_param_groups", "freeze_bn_stats", "unfreeze_bn_stats", "clamp_learned_amax",
     "sensitivity", "auto_fallback", "LayerSensitivity", "FallbackReport",
+    "enable_onnx_export",
 ]

@@ -176,6 +176,9 @@ def quantize(
         apply_trt_placement(model, cfg, select=lambda n, m: (inc is None or _matches(n, m, inc))
                             and not (exc is not None and _matches(n, m, exc)))
     name_quantizers(model)
+    for q in model.modules():  # trtquant's guard: an uncalibrated quantizer raises, naming itself (no per-batch amax)
+        if isinstance(q, TensorQuantizer):
+            q.dynamic_amax = False
     return model
 
 

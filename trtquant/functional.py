@@ -32,6 +32,11 @@ __all__ = [
     "quantize",
     "fake_tensor_quant",
     "tensor_quant",
+    "fp8_round",
+    "fake_fp8",
+    "ClipFunction",
+    "clip",
+    "Clip",
 ]
 
 
@@ -317,14 +322,44 @@ def quantize(
     return torch.div(x.float(), scale).round_().clamp_(qmin, qmax), scale
 
 
+_FP16_MAX = 65504.0
+_TINY = 1.0 / (1 << 24)
+
+
+def _check_compat_args(inputs: Tensor, amax: Tensor, unsigned: bool) -> Tensor:
+    """pytorch-quantization's argument checks; returns amax as a float tensor on the input's device."""
+    if not isinstance(amax, Tensor):
+        amax = torch.tensor(float(amax), device=inputs.device)
+    if unsigned and inputs.numel() and bool(inputs.min() < 0):
+        raise TypeError("Negative values encountered in unsigned quantization: quantize signed (unsigned=False) "
+                        "or feed non-negative values (e.g. a ReLU output)")
+    if amax.numel() and bool(amax.min() < 0):
+        raise ValueError(f"Negative values in amax (min {float(amax.min()):g}); amax is a magnitude and must be >= 0")
+    return amax
+
+
+def _zero_tiny_amax(out: Tensor, amax: Tensor) -> Tensor:
+    """amax at or below FP16's resolution (2^-24) quantizes everything to 0, as pytorch-quantization does."""
+    tiny = amax.detach() <= _TINY
+    if bool(tiny.any()):
+        out = torch.where(tiny.to(out.device), torch.zeros_like(out), out)
+    return out
+
+
 class _FakeTensorQuantFunction(torch.autograd.Function):
-    """pytorch-quantization's ``fake_tensor_quant.apply(inputs, amax, num_bits, unsigned, narrow_range)``."""
+    """pytorch-quantization's ``fake_tensor_quant.apply(inputs, amax, num_bits, unsigned, narrow_range)``.
+
+    Same arguments, checks and straight-through gradient as the original; the arithmetic is trtquant's
+    (x / scale rounded, times scale: TensorRT's and ONNX Runtime's), which can differ from the original's
+    x * (bound / amax) in the last bit of a dequantized value.
+    """
 
     @staticmethod
     def forward(ctx, inputs: Tensor, amax: Tensor, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True):
+        amax = _check_compat_args(inputs, amax, unsigned)
         ctx.save_for_backward(inputs, amax)
         with torch.no_grad():
-            return fake_quant(inputs, amax, num_bits, unsigned, narrow_range)
+            return _zero_tiny_amax(fake_quant(inputs, amax, num_bits, unsigned, narrow_range), amax)
 
     @staticmethod
     def backward(ctx, grad_outputs: Tensor):
@@ -334,14 +369,26 @@ class _FakeTensorQuantFunction(torch.autograd.Function):
 
 
 class _TensorQuantFunction(torch.autograd.Function):
-    """pytorch-quantization's ``tensor_quant.apply(inputs, amax, ...)`` -> (codes, scale) with STE."""
+    """pytorch-quantization's ``tensor_quant.apply(inputs, amax, ...)`` -> (codes, scale) with STE.
+
+    ``scale`` is codes per unit (bound / amax); an FP16 input whose scale would overflow FP16 raises
+    ValueError, as in the original.
+    """
 
     @staticmethod
     def forward(ctx, inputs: Tensor, amax: Tensor, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True):
+        amax = _check_compat_args(inputs, amax, unsigned)
         ctx.save_for_backward(inputs, amax)
         codes, scale = quantize(inputs, amax, num_bits, unsigned, narrow_range)
-        # pytorch-quantization returns the scale as codes-per-unit (bound / amax).
-        return codes, 1.0 / scale
+        inv = 1.0 / scale
+        if inputs.dtype == torch.half and bool(inv.max() > _FP16_MAX):
+            raise ValueError(f"scale is too large for FP16 with amax={amax.tolist()}: bound/amax exceeds {_FP16_MAX}; "
+                             "use a larger amax or quantize in float32")
+        codes = _zero_tiny_amax(codes, amax)
+        inv = torch.where(amax.to(inv.device) <= _TINY, torch.ones_like(inv), inv)
+        if inputs.dtype in (torch.half, torch.bfloat16):
+            codes = codes.to(inputs.dtype)
+        return codes, inv.to(inputs.dtype)
 
     @staticmethod
     def backward(ctx, grad_outputs: Tensor, grad_scale: Optional[Tensor]):
@@ -352,3 +399,120 @@ class _TensorQuantFunction(torch.autograd.Function):
 
 fake_tensor_quant = _FakeTensorQuantFunction.apply
 tensor_quant = _TensorQuantFunction.apply
+
+
+# -- formats beyond INT8: FP8 and pytorch-quantization's clip ------------------------------------------
+
+#: (exponent bits, mantissa bits) -> the torch dtype whose rounding defines the format.
+_FP8_DTYPES = {(4, 3): torch.float8_e4m3fn, (5, 2): torch.float8_e5m2}
+_FP8_MAX = {(4, 3): 448.0, (5, 2): 57344.0}
+
+
+def fp8_round(x: Tensor, fmt: Tuple[int, int] = (4, 3)) -> Tensor:
+    """Round to the nearest FP8 value (ties to even), saturating at the format's largest finite value.
+
+    Saturation matches TensorRT's and CUDA's ``satfinite`` conversion; a plain ``.to(float8)`` would
+    turn out-of-range values into NaN (E4M3) or inf (E5M2).
+    """
+    if fmt not in _FP8_DTYPES:
+        raise ValueError(f"unknown FP8 format {fmt!r}; known: {sorted(_FP8_DTYPES)}")
+    m = _FP8_MAX[fmt]
+    xf = x.float()
+    return xf.clamp(-m, m).to(_FP8_DTYPES[fmt]).to(torch.float32).to(x.dtype)
+
+
+class _FakeFp8Function(torch.autograd.Function):
+    """x -> fp8_round(x * bound / amax) * amax / bound, straight-through inside [-amax, amax]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, amax: Optional[Tensor], fmt: Tuple[int, int]):
+        bound = _FP8_MAX[fmt]
+        if amax is None:
+            out = fp8_round(x, fmt)
+            amax_t = torch.tensor(bound, device=x.device)
+        else:
+            amax_t = amax.detach().to(torch.float32)
+            scale = torch.where(amax_t > 0, bound / amax_t, torch.ones_like(amax_t))
+            xf = x.float()
+            out = (fp8_round(xf * scale, fmt) / scale).to(x.dtype)
+        # Values below FP16's resolution become exactly 0 (no inf/NaN from a huge scale on a tiny amax).
+        out = torch.where(x.abs() < _TINY, torch.zeros_like(out), out)
+        ctx.save_for_backward(x, amax_t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, amax = ctx.saved_tensors
+        return torch.where(x.abs() <= amax.to(x.dtype), grad, torch.zeros_like(grad)), None, None
+
+
+def fake_fp8(x: Tensor, amax: Optional[Tensor], fmt: Tuple[int, int] = (4, 3)) -> Tensor:
+    """Fake-quantize to FP8 ``fmt`` ((4, 3) E4M3, (5, 2) E5M2) with amax mapped to the format's max.
+
+    ``amax`` None rounds ``x`` unscaled. Per-tensor or broadcastable per-channel amax; the gradient is
+    the straight-through estimator clipped at amax.
+    """
+    if fmt not in _FP8_DTYPES:
+        raise ValueError(f"unknown FP8 format {fmt!r}; known: {sorted(_FP8_DTYPES)}")
+    if amax is not None and not isinstance(amax, Tensor):
+        amax = torch.tensor(float(amax), device=x.device)
+    return _FakeFp8Function.apply(x, amax, fmt)
+
+
+class ClipFunction(torch.autograd.Function):
+    """min(max(x, lo), hi) with broadcast ranges; PACT gradients (arXiv:1805.06085) for a learned range.
+
+    pytorch-quantization's ``nn.functional.ClipFunction``: the input's gradient passes strictly inside
+    (lo, hi); a learned scalar bound gets the summed gradient of the values it clipped.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, clip_value_min: Tensor, clip_value_max: Tensor) -> Tensor:
+        lo = torch.as_tensor(clip_value_min, dtype=input.dtype, device=input.device)
+        hi = torch.as_tensor(clip_value_max, dtype=input.dtype, device=input.device)
+        ctx.save_for_backward(input, lo, hi)
+        ctx.min_grad = isinstance(clip_value_min, Tensor) and clip_value_min.requires_grad
+        ctx.max_grad = isinstance(clip_value_max, Tensor) and clip_value_max.requires_grad
+        return torch.max(torch.min(input, hi), lo)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, lo, hi = ctx.saved_tensors
+        above_lo = (x > lo).to(grad.dtype)
+        below_hi = (x < hi).to(grad.dtype)
+        grad_in = grad * above_lo * below_hi
+        if (ctx.min_grad or ctx.max_grad) and (lo.numel() != 1 or hi.numel() != 1):
+            raise ValueError(f"a learnable clip min/max can only be scalar, got min of size {tuple(lo.shape)} and max "
+                             f"of size {tuple(hi.shape)}")
+        g_lo = (grad * (1.0 - above_lo)).sum().reshape(lo.shape).to(lo.dtype) if ctx.min_grad else None
+        g_hi = (grad * (1.0 - below_hi)).sum().reshape(hi.shape).to(hi.dtype) if ctx.max_grad else None
+        return grad_in, g_lo, g_hi
+
+
+clip = ClipFunction.apply
+
+
+class Clip(torch.nn.Module):
+    """Clamp to [clip_value_min, clip_value_max]; either bound can be a learned scalar Parameter.
+
+    pytorch-quantization's ``nn.Clip``; a quantizer made with ``learn_amax=True`` learns its range
+    through one (``quantizer.clip``).
+    """
+
+    def __init__(self, clip_value_min: Any, clip_value_max: Any, learn_min: bool = False, learn_max: bool = False):
+        super().__init__()
+        self.clip_value_min = self._bound(clip_value_min, learn_min, "clip_value_min")
+        self.clip_value_max = self._bound(clip_value_max, learn_max, "clip_value_max")
+
+    @staticmethod
+    def _bound(value: Any, learn: bool, what: str) -> Any:
+        if not learn:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # As pytorch-quantization: a learned bound starts from a Python number, not a tensor.
+            raise ValueError(f"{what} must be scalar (a Python float) for initializing a learnable range, "
+                             f"got {type(value).__name__}")
+        return torch.nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return clip(inputs, self.clip_value_min, self.clip_value_max)

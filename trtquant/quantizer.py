@@ -25,6 +25,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,8 +33,11 @@ from .calib.base import Calibrator
 from .calib.histogram import HistogramCalibrator
 from .calib.max import MaxCalibrator
 from .descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
-from .errors import CalibrationError, QuantizerNotCalibratedError
-from .functional import amax_to_scale, fake_quant, quant_bounds, quantize
+from .errors import CalibrationError, ExportError, QuantizerNotCalibratedError
+from .functional import Clip, amax_to_scale, fake_fp8, fake_quant, quant_bounds, quantize
+
+#: What TensorRT's explicit quantization accepts, quoted by export errors.
+TRT_FORMATS = "INT8 (per tensor or per channel), FP8 E4M3 (per tensor), INT4 (weight-only, blocked)"
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +181,27 @@ def _summary(a: Tensor) -> str:
     return f"shape {tuple(a.shape)}, min {float(a.min()):g}, max {float(a.max()):g}"
 
 
+class _CompatAxes(tuple):
+    """Kept axes that also compare equal to a bare int when there is one (pytorch-quantization stored
+    ``axis=(0)``, i.e. the int 0, and its users compare ``quantizer._axis == 0``)."""
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, int) and not isinstance(other, bool):
+            return len(self) == 1 and self[0] == other
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = tuple.__hash__
+
+
 class TensorQuantizer(nn.Module):
     """Quantizes one tensor as its QuantDescriptor says; pytorch-quantization's class of the same name."""
+
+    #: Set by ``quant_modules.enable_onnx_export()`` (pytorch-quantization's class-wide switch): forward
+    #: then checks that the quantizer can be exported. trtquant's exporter uses :attr:`export_mode`.
+    _enable_onnx_export = False
 
     def __init__(self, quant_desc: QuantDescriptor = QUANT_DESC_8BIT_PER_TENSOR, disabled: bool = False,
                  if_quant: bool = True, if_clip: bool = False, if_calib: bool = False):
@@ -191,11 +214,25 @@ class TensorQuantizer(nn.Module):
         self._if_calib = if_calib
         self._if_clip = if_clip
         self.name: Optional[str] = quant_desc.name
+        #: pytorch-quantization semantics: with no amax, quantize with the input's own (dynamic) amax.
+        #: Layers made by ``trtquant.quantize`` turn this off, so an uncalibrated quantizer raises and
+        #: names itself instead of silently quantizing per batch (see docs/pytorch_quantization_compat.md).
+        self.dynamic_amax = True
+        self._scale: Optional[Tensor] = None  # bound/amax of the last real (fake_quant=False) quantization
         self._amax: Optional[Tensor]
         self.register_buffer("_amax", None)
+        self._pre_quant_scale: Optional[Tensor]
+        self.register_buffer("_pre_quant_scale", None)
         if quant_desc.amax is not None:
-            self.amax = torch.tensor(float(quant_desc.amax))
+            # A descriptor-given amax is final: scale_amax applies to it now (as to a calibrated one).
+            amax = torch.from_numpy(np.array(quant_desc.amax, dtype=np.float32))
+            self.amax = amax * quant_desc.scale_amax if quant_desc.scale_amax is not None else amax
         self._calibrator: Optional[Calibrator] = self._make_calibrator()
+        if quant_desc.learn_amax:
+            # pytorch-quantization learns the range through a Clip module with scalar learned bounds.
+            init = float(np.max(quant_desc.amax)) if quant_desc.amax is not None else 1.0
+            self.clip = Clip(-init, init, learn_min=True, learn_max=True)
+            self._if_clip = True
         # Observe-only quantizers (ort_only) calibrate for the ONNX Runtime graph and never quantize
         # in the TensorRT model.
         self.ort_only = False
@@ -215,25 +252,89 @@ class TensorQuantizer(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # A quantizer pickled by an older trtquant lacks the state-object attributes.
         super().__setstate__(state)
-        for name in ("export_mode", "shared_result", "calib_session", "_amax_value"):
+        for name in ("export_mode", "shared_result", "calib_session", "_amax_value", "_scale"):
             self.__dict__.setdefault(name, None)
+        self.__dict__.setdefault("dynamic_amax", True)
+        self.__dict__["_buffers"].setdefault("_pre_quant_scale", None)
 
     # -- descriptor views ---------------------------------------------------------------------
     @property
-    def num_bits(self) -> int:
+    def num_bits(self):
         return self.quant_desc.num_bits
+
+    @num_bits.setter
+    def num_bits(self, value) -> None:
+        self.quant_desc = self.quant_desc.replace(num_bits=value)
 
     @property
     def unsigned(self) -> bool:
         return self.quant_desc.unsigned
 
+    @unsigned.setter
+    def unsigned(self, value: bool) -> None:
+        self.quant_desc = self.quant_desc.replace(unsigned=value)
+
     @property
     def narrow_range(self) -> bool:
         return self.quant_desc.narrow_range
 
+    @narrow_range.setter
+    def narrow_range(self, value: bool) -> None:
+        self.quant_desc = self.quant_desc.replace(narrow_range=value)
+
     @property
-    def axis(self) -> Optional[int]:
-        return self.quant_desc.channel_axis
+    def axis(self) -> Optional[tuple]:
+        """The axes that keep their own amax ((0,) per channel; also == 0 for old code), or None per tensor."""
+        axes = self.quant_desc.axis
+        return None if axes is None else _CompatAxes(axes)
+
+    # pytorch-quantization's private names, read by its tests and by user code written against it.
+    _num_bits = property(lambda self: self.quant_desc.num_bits)
+    _unsigned = property(lambda self: self.quant_desc.unsigned)
+    _narrow_range = property(lambda self: self.quant_desc.narrow_range)
+    _fake_quant = property(lambda self: self.quant_desc.fake_quant)
+    _axis = property(lambda self: self.axis)
+    _scale_amax = property(lambda self: self.quant_desc.scale_amax)
+    _learn_amax = property(lambda self: self.quant_desc.learn_amax)
+
+    @property
+    def maxbound(self):
+        """What amax maps to: 127 for INT8, 255 for UINT8, 448.0 for E4M3."""
+        return self.quant_desc.bound
+
+    @property
+    def step_size(self) -> Optional[Tensor]:
+        """amax / maxbound: the value of one integer step (None while amax is dynamic)."""
+        if self._amax is None:
+            logger.error("%s: step_size is undefined while amax is dynamic (no amax set)", self._label())
+            return None
+        return self._amax / float(self.maxbound)
+
+    @property
+    def scale(self) -> Optional[Tensor]:
+        """maxbound / amax of the last real quantization (``fake_quant=False``), else None."""
+        if self.fake_quant:
+            logger.error("%s: fake-quant mode does not use scale explicitly", self._label())
+        return self._scale
+
+    @property
+    def pre_quant_scale(self) -> Optional[Tensor]:
+        """Multiplies the input before quantization (SmoothQuant-style activation scaling), or None."""
+        return self._pre_quant_scale
+
+    @pre_quant_scale.setter
+    def pre_quant_scale(self, value) -> None:
+        if value is None:
+            self._pre_quant_scale = None
+            return
+        t = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(value)
+        t = t.to(torch.float32)
+        if self._pre_quant_scale is not None:
+            if self._pre_quant_scale.shape != t.shape:
+                raise RuntimeError(f"{self._label()}: changing the shape of pre_quant_scale "
+                                   f"{tuple(self._pre_quant_scale.shape)} -> {tuple(t.shape)} is not allowed")
+            t = t.to(self._pre_quant_scale.device)
+        self._pre_quant_scale = t
 
     @property
     def fake_quant(self) -> bool:
@@ -278,9 +379,18 @@ class TensorQuantizer(nn.Module):
             session.resolve(self)
 
     def enable_clip(self) -> None:
+        """Clamp the input to [-amax, amax] before quantizing (a learned range with ``learn_amax=True``)."""
+        clip = self.__dict__["_modules"].get("clip")
+        if clip is not None:
+            clip.clip_value_min.requires_grad_(True)
+            clip.clip_value_max.requires_grad_(True)
         self._if_clip = True
 
     def disable_clip(self) -> None:
+        clip = self.__dict__["_modules"].get("clip")
+        if clip is not None:
+            clip.clip_value_min.requires_grad_(False)
+            clip.clip_value_max.requires_grad_(False)
         self._if_clip = False
 
     def get_state(self) -> dict:
@@ -301,7 +411,10 @@ class TensorQuantizer(nn.Module):
                 raise ValueError(f"{self._label()}: a learned amax cannot be unset")
             self._amax = None
             return
-        t = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value))
+        if isinstance(value, Tensor):
+            t = value.detach().clone()
+        else:  # float, list or ndarray (pytorch-quantization's setter takes all three)
+            t = torch.from_numpy(np.array(value, dtype=np.float32))
         t = t.to(torch.float32)
         validate_amax(t, self._label(), self.quant_desc.per_channel)
         if self._amax is not None:
@@ -317,7 +430,19 @@ class TensorQuantizer(nn.Module):
         return isinstance(self._amax, nn.Parameter)
 
     def init_learn_amax(self) -> None:
-        """Make amax an nn.Parameter for QAT (LSQ-style gradient); the state-dict key stays ``_amax``."""
+        """Make amax an nn.Parameter for QAT (LSQ-style gradient); the state-dict key stays ``_amax``.
+
+        A quantizer whose descriptor says ``learn_amax=True`` learns through ``self.clip`` instead
+        (pytorch-quantization): its bounds start at -max(amax), max(amax).
+        """
+        if self.quant_desc.learn_amax and hasattr(self, "clip"):
+            if self._amax is None:
+                raise QuantizerNotCalibratedError(f"{self._label()} has no amax to learn from: calibrate first")
+            init = self._amax.detach().max()
+            with torch.no_grad():
+                self.clip.clip_value_min.copy_(-init)
+                self.clip.clip_value_max.copy_(init)
+            return
         if self._amax is None:
             raise QuantizerNotCalibratedError(f"{self._label()} has no amax to learn from: calibrate first")
         if not self.learn_amax:
@@ -354,7 +479,7 @@ class TensorQuantizer(nn.Module):
         if amax is None:
             if strict:
                 raise CalibrationError(
-                    f"{self._label()} collected no data during calibration: the module never ran "
+                    f"{self._label()} collected no data during calibration (Calibrator returned None): the module never ran "
                     "(check the data reaches it) or pass strict=False to leave it uncalibrated"
                 )
             logger.warning("%s collected no data; amax left unset", self._label())
@@ -392,6 +517,12 @@ class TensorQuantizer(nn.Module):
             raise QuantizerNotCalibratedError(
                 f"{self._label()} has no amax and cannot be exported: run calibration or load a calibrated checkpoint"
             )
+        problem = self.export_format_problem()
+        if problem is not None:
+            raise ExportError(problem)
+        if self.quant_desc.axis is not None and len(self.quant_desc.axis) > 1:
+            raise ExportError(f"{self._label()} keeps amax along axes {self.quant_desc.axis}; ONNX and TensorRT scale "
+                              "along one axis at most: use axis=None or a single channel axis for export")
         qmin, qmax, bound = quant_bounds(self.num_bits, self.unsigned, self.narrow_range)
         scale = amax_to_scale(amax, bound)
         axis = -1  # per tensor
@@ -403,7 +534,93 @@ class TensorQuantizer(nn.Module):
         zp_dtype = torch.uint8 if self.unsigned else torch.int8
         return scale.detach().to(scale_dtype).clone(), torch.zeros(scale.shape, dtype=zp_dtype), axis
 
+    def _dynamic_amax(self, x: Tensor) -> Tensor:
+        """max |x| over every axis the descriptor does not keep (kept axes stay, size-1 elsewhere)."""
+        from .calib.max import reduce_amax
+
+        if not self.dynamic_amax:
+            raise QuantizerNotCalibratedError(
+                f"{self._label()} must quantize but has no amax: run calibration or load a calibrated "
+                "checkpoint (trtquant.calibrate(model, data) or model.load_state_dict(calibrated_state))"
+            )
+        axes = self.quant_desc.axis
+        if axes is None:
+            return reduce_amax(x).to(torch.float32)
+        axes = tuple(a % x.dim() for a in axes)
+        amax = reduce_amax(x, axes, keepdims=True).to(torch.float32)
+        return amax
+
+    def _get_amax(self, x: Tensor) -> Tensor:
+        """The amax this forward uses: the buffer (calibrated/fixed), else the input's dynamic amax.
+
+        A stored amax already includes ``scale_amax``; a dynamic one gets it here.
+        """
+        amax = self._amax
+        if amax is None:
+            amax = self._dynamic_amax(x)
+            if self.quant_desc.scale_amax is not None:
+                amax = amax * self.quant_desc.scale_amax
+            return amax
+        if amax.dim() == 1 and x.dim() > 1 and amax.numel() > 1 and self.quant_desc.per_channel:
+            # A (C,) amax from a checkpoint: broadcast it along the channel axis.
+            axis = self.quant_desc.axis[0] % x.dim()
+            amax = amax.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+        if amax.device != x.device:
+            amax = amax.to(x.device)
+        return amax
+
+    def export_format_problem(self) -> Optional[str]:
+        """Why TensorRT cannot take this quantizer's format (None when it can: INT8 today)."""
+        d = self.quant_desc
+        if d.num_bits == 8:
+            return None
+        who = self.name or f"TensorQuantizer(num_bits={d.num_bits!r})"  # no amax read: may run while tracing
+        return (f"{who} quantizes to {d.format_name} ({'axis=' + str(d.axis) if d.axis else 'per tensor'}), "
+                f"which this exporter cannot write for TensorRT; TensorRT accepts {TRT_FORMATS}. "
+                "Use num_bits=8 for this layer or disable its quantizer before export")
+
+    def _check_onnx_readiness(self) -> None:
+        if self._disabled or not self._if_quant:
+            return
+        if self._amax is None:
+            raise QuantizerNotCalibratedError(
+                f"{self._label()} has no amax; ONNX export needs a calibrated quantizer: calibrate and load amax "
+                "before exporting")
+        problem = self.export_format_problem()
+        if problem is not None:
+            raise ExportError(problem)
+        if self._if_calib:
+            logger.warning("%s is still calibrating during ONNX export; finish calibration first", self._label())
+
+    def _onnx_export_forward(self, x: Tensor) -> Tensor:
+        """Q/DQ that ``torch.onnx.export`` (both exporters) writes as QuantizeLinear -> DequantizeLinear.
+
+        Under ``enable_onnx_export()``: torch's own fake-quantize ops with this quantizer's INT8 scale
+        (amax / bound; narrow range written as the full range with the same scale, as ONNX requires).
+        """
+        scale, zero_point, axis = self.export_constants(torch.float32)
+        qmin, qmax = (0, 255) if self.unsigned else (-128, 127)
+        xf = x.float()
+        if axis < 0:
+            out = torch.fake_quantize_per_tensor_affine(xf, scale.to(x.device), zero_point.to(torch.int32).to(x.device),
+                                                        qmin, qmax)
+        else:
+            out = torch.fake_quantize_per_channel_affine(xf, scale.to(x.device), zero_point.to(torch.int32).to(x.device),
+                                                         axis % x.dim(), qmin, qmax)
+        return out.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
+        if TensorQuantizer._enable_onnx_export and self.export_mode is None:
+            self._check_onnx_readiness()
+            pqs = self._pre_quant_scale
+            if pqs is not None:
+                x = x * pqs.to(x.device)
+            if self._disabled or not self._if_quant:
+                return x
+            return self._onnx_export_forward(x)
+        pqs = self._pre_quant_scale
+        if pqs is not None:
+            x = x * pqs.to(x.device)
         if self._disabled:
             return x
         mode = self.export_mode
@@ -411,37 +628,38 @@ class TensorQuantizer(nn.Module):
             return mode.apply(x)
         if self._if_calib:
             self._observe(x)
-        if self._if_quant:
-            amax = self.amax
-            if amax is None:
-                raise QuantizerNotCalibratedError(
-                    f"{self._label()} must quantize but has no amax: run calibration or load a calibrated "
-                    "checkpoint (trtquant.calibrate(model, data) or model.load_state_dict(calibrated_state))"
-                )
-            if amax.dim() == 1 and x.dim() > 1 and self.quant_desc.per_channel:
-                # A (C,) amax from a checkpoint: broadcast it along the channel axis.
-                axis = self.axis % x.dim()
-                amax = amax.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+        d = self.quant_desc
+        if not self._if_quant:
+            if self._if_clip and d.learn_amax and "clip" in self._modules:
+                return self.clip(x)  # pytorch-quantization's clip-only stage (range learning)
+            return x
+        if d.learn_amax and self._if_clip and "clip" in self._modules:
+            # pytorch-quantization's learned range: clip, then quantize with the (scalar) learned bound.
+            clip = self.clip
+            x = clip(x)
+            amax = torch.maximum(-clip.clip_value_min, clip.clip_value_max).detach().to(x.device)
+        else:
+            amax = self._get_amax(x)
             if self._if_clip:
                 x = torch.minimum(torch.maximum(x, -amax), amax)
-            if amax.device != x.device:
-                amax = amax.to(x.device)
-            if self.fake_quant:
-                slot = self.shared_result
-                key = self._share_key(amax, x) if slot is not None else None
-                if slot is not None and key is not None:
-                    # A block input quantized by conv1's and the residual (or downsample) quantizer
-                    # with the same amax is quantized once.
-                    hit = slot.get(x, key)
-                    if hit is not None:
-                        return hit
-                    out = fake_quant(x, amax, self.num_bits, self.unsigned, self.narrow_range)
-                    slot.put(x, key, out)
-                    return out
-                return fake_quant(x, amax, self.num_bits, self.unsigned, self.narrow_range)
-            codes, _ = quantize(x, amax, self.num_bits, self.unsigned, self.narrow_range)
+        if d.is_fp8:
+            return fake_fp8(x, amax.detach(), d.num_bits)
+        if not d.fake_quant:
+            codes, scale = quantize(x, amax, d.num_bits, d.unsigned, d.narrow_range)
+            self._scale = 1.0 / scale  # pytorch-quantization's scale: codes per unit (bound / amax)
             return codes
-        return x
+        slot = self.shared_result
+        key = self._share_key(amax, x) if slot is not None and self._amax is not None else None
+        if slot is not None and key is not None:
+            # A block input quantized by conv1's and the residual (or downsample) quantizer
+            # with the same amax is quantized once.
+            hit = slot.get(x, key)
+            if hit is not None:
+                return hit
+            out = fake_quant(x, amax, d.num_bits, d.unsigned, d.narrow_range)
+            slot.put(x, key, out)
+            return out
+        return fake_quant(x, amax, d.num_bits, d.unsigned, d.narrow_range)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -472,11 +690,15 @@ class TensorQuantizer(nn.Module):
                     self._amax.data = torch.empty(value.shape, dtype=torch.float32, device=device)
                 else:
                     self._amax = torch.empty(value.shape, dtype=torch.float32, device=device)
+        pqs_key = prefix + "_pre_quant_scale"
+        if pqs_key in state_dict and self._pre_quant_scale is None:
+            # Created on first load, like amax (pytorch-quantization checkpoints of SmoothQuant models).
+            self._pre_quant_scale = torch.empty_like(state_dict[pqs_key], dtype=torch.float32)
         n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # A checkpoint without amax (a float model's) keeps this quantizer's current amax.
-        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != key]
+        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k not in (key, pqs_key)]
 
     def _label(self) -> str:
         if self.name:
@@ -494,7 +716,10 @@ class TensorQuantizer(nn.Module):
         if d.narrow_range:
             parts.append("narrow")
         a = self.amax
-        parts.append("amax=None" if a is None else f"amax={_summary(a)}")
+        if a is None:  # "dynamic": quantizes with each input's own amax (pytorch-quantization semantics)
+            parts.append("amax=dynamic" if self.dynamic_amax else "amax=None")
+        else:
+            parts.append(f"amax={_summary(a)}")
         if self._if_calib:
             parts.append(f"calib={self._calibrator.kind if self._calibrator else None}")
         if not self._if_quant:

@@ -223,7 +223,7 @@ def test_twin_equals_user_forward_on_fake_quantized_input_and_weight(make):
     assert type(twin).__name__ == f"Quant{type(fp).__name__}" and isinstance(twin, type(fp))
     assert twin.weight is not fp.weight and torch.equal(twin.weight, fp.weight)
     iq, wq = twin.input_quantizer, twin.weight_quantizer
-    assert wq.axis == 0 and wq.amax.numel() == fp.weight.shape[0]
+    assert wq.axis == (0,) and wq.amax.numel() == fp.weight.shape[0]
     with torch.no_grad():
         got = twin(x)
         if isinstance(fp, Conv2dSame):  # Q(pad(x)) == pad(Q(x)): quantization maps 0 to 0
@@ -360,3 +360,16 @@ def test_functional_calls_follow_include_and_exclude():
     assert not any(e["rule"] in (rules.RULE_FUNCTIONAL_INPUT, rules.RULE_FUNCTIONAL_WEIGHT)
                    for e in placement_report(model)["quantizers"])
     assert isinstance(model.conv, QuantMixin)
+
+
+def test_overrides_reach_functional_call_quantizers():
+    """A per-module override (here: per-tensor weights for block "0") applies to the quantizers placement adds at
+    F.conv2d/F.linear calls in that block's forward, as to its layers."""
+    from trtquant.config import QuantConfig
+    from trtquant.descriptor import QuantDescriptor
+
+    per_tensor = QuantDescriptor(num_bits=8, axis=None)
+    model = trtquant.quantize(nn.Sequential(SharedWeightNet(), SharedWeightNet()).eval(),
+                              QuantConfig(overrides={"0": {"weight": per_tensor}}))
+    assert model[0].conv2d_weight_quantizer.axis is None and model[0].linear_weight_quantizer.axis is None
+    assert model[1].conv2d_weight_quantizer.axis == 0

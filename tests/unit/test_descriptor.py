@@ -52,7 +52,8 @@ def test_frozen_and_replace():
     e = d.replace(unsigned=True)
     assert e.unsigned and not d.unsigned
     with pytest.raises(ValueError, match="num_bits"):
-        d.replace(num_bits=4)
+        d.replace(num_bits=17)
+    assert d.replace(num_bits=4).bound == 7
     assert QuantDescriptor(axis=0) == QuantDescriptor(axis=(0,))
     assert hash(QuantDescriptor(axis=0)) == hash(QuantDescriptor(axis=(0,)))
 
@@ -68,19 +69,29 @@ def test_dict_round_trip():
         QuantDescriptor.from_dict(dict(data, version=2))
 
 
-@pytest.mark.parametrize("bits", [4, 16, 7, 1, True])
+@pytest.mark.parametrize("bits", [17, 32, -8])
 def test_unsupported_num_bits_lists_allowed(bits):
     with pytest.raises(ValueError) as info:
         QuantDescriptor(num_bits=bits)
-    assert f"num_bits={bits!r}" in str(info.value) and "allowed: 8" in str(info.value)
+    assert f"num_bits={bits!r}" in str(info.value) and "allowed: integers 1-16 or FP8 (4, 3)/(5, 2)" in str(info.value)
 
 
-@pytest.mark.parametrize("axis", [(0, 1), (), (1, 2, 3), [0, 1]])
+@pytest.mark.parametrize("bits", [True, 8.0, "8", (7, 3), (4, 4)])
+def test_num_bits_wrong_type(bits):
+    with pytest.raises(TypeError, match="num_bits"):
+        QuantDescriptor(num_bits=bits)
+
+
+@pytest.mark.parametrize("axis", [(), (0, 0)])
 def test_unsupported_axis_lists_allowed(axis):
     with pytest.raises(ValueError) as info:
         QuantDescriptor(axis=axis)
     msg = str(info.value)
-    assert "is not supported" in msg and "axis=None" in msg and "axis=0" in msg and "1 for ConvTranspose" in msg
+    assert "is not supported" in msg and "None for per-tensor" in msg and "1 for ConvTranspose" in msg
+
+
+def test_multi_axis_kept():
+    assert QuantDescriptor(axis=[0, 1]).axis == (0, 1) and QuantDescriptor(axis=(1, 2, 3)).channel_axis == 1
 
 
 @pytest.mark.parametrize("axis", ["0", 1.0, True])

@@ -136,9 +136,22 @@ def test_per_channel_axis_is_rejected(axis):
         trtquant.TensorQuantizer(trtquant.QuantDescriptor(axis=axis, calib_method="histogram"))
 
 
-def test_num_bins_must_be_a_power_of_two():
-    with pytest.raises(ValueError, match="power of two"):
-        HistogramCalibrator(num_bins=1000)
+@pytest.mark.parametrize("num_bins", [1, 0, 2.5, True])
+def test_num_bins_must_be_an_integer_of_at_least_two(num_bins):
+    with pytest.raises(ValueError, match="num_bins must be an integer >= 2"):
+        HistogramCalibrator(num_bins=num_bins)
+
+
+def test_any_num_bins_rebins_exactly_in_any_batch_order():
+    """pytorch-quantization allows any bin count (its tests use 19): the range still doubles, so old bin i
+    merges into new bin i // 2 and the histogram does not depend on batch order."""
+    torch.manual_seed(0)
+    small, big = torch.rand(1000), torch.rand(1000) * 5
+    a, b = HistogramCalibrator(num_bins=19), HistogramCalibrator(num_bins=19)
+    a.collect(small), a.collect(big)
+    b.collect(big), b.collect(small)
+    assert torch.equal(a._calib_hist, b._calib_hist) and int(a._calib_hist.sum()) == 2000
+    assert a._calib_bin_edges.numel() == 20 and float(a._calib_bin_edges[-1]) == 8.0
 
 
 # ---- non-finite activations ------------------------------------------------------------------------

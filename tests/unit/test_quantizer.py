@@ -59,9 +59,13 @@ def test_uncalibrated_forward_names_quantizer_after_quantize():
     model.conv1.input_quantizer.amax = 3.0
     with pytest.raises(QuantizerNotCalibratedError, match=r"^conv1\.weight_quantizer .*" + PHRASE):
         model(images(1, 1)[0])
-    # An anonymous quantizer describes itself.
+    # An anonymous quantizer with the guard on describes itself.
+    q = TensorQuantizer()
+    q.dynamic_amax = False
     with pytest.raises(QuantizerNotCalibratedError, match=r"TensorQuantizer\(8bit fake per-tensor amax=None\)"):
-        TensorQuantizer()(torch.ones(2))
+        q(torch.ones(2))
+    # pytorch-quantization's constructor semantics: no amax means the input's own amax (here 2.0).
+    assert torch.equal(TensorQuantizer()(torch.tensor([2.0, -1.0])), R.fake_quant(torch.tensor([2.0, -1.0]), 2.0))
 
 
 def test_forward_closed_form_per_tensor_narrow_unsigned():
@@ -245,6 +249,8 @@ def test_real_quant_returns_codes_and_unsigned():
 
 def test_extra_repr():
     q = TensorQuantizer(QuantDescriptor(axis=0, narrow_range=True, unsigned=True))
+    assert repr(q) == "TensorQuantizer(8bit fake per-channel axis=0 unsigned narrow amax=dynamic)"
+    q.dynamic_amax = False  # trtquant.quantize's layers: no amax means not calibrated yet
     assert repr(q) == "TensorQuantizer(8bit fake per-channel axis=0 unsigned narrow amax=None)"
     q.amax = torch.tensor([[1.0], [3.0]])
     assert "amax=shape (2, 1), min 1, max 3" in repr(q)

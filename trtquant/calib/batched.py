@@ -142,7 +142,9 @@ def mse_amax_batched(stack: HistogramStack, num_bits: int = 8, unsigned: bool = 
     with E the squared error table in bin-width units; ``width_r**2`` is an exact common factor, so it
     is left out of the comparison.
     """
-    _check_quant_args(num_bits, unsigned, start_bin, stride)
+    _check_quant_args(num_bits, unsigned, start_bin, stride, fp8=True)  # FP8 errors scale with the bin width too
+    if isinstance(num_bits, list):
+        num_bits = tuple(num_bits)
     counts = stack.counts.to(torch.float64)
     rows, bins = counts.shape
     device = counts.device

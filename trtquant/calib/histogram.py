@@ -72,14 +72,20 @@ class HistogramCalibrator(Calibrator):
     kind = "histogram"
 
     def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False, num_bins: int = 2048,
-                 skip_zeros: bool = False, ignore_nonfinite: bool = False):
+                 skip_zeros: bool = False, ignore_nonfinite: bool = False, *, grow_method: Optional[str] = None,
+                 torch_hist: bool = True):
         if axis is not None:
             raise ValueError(
                 f"HistogramCalibrator is per-tensor only (axis=None), got axis={axis}; "
                 "use calib_method='max' for per-channel weights"
             )
-        if num_bins < 16 or num_bins & (num_bins - 1):
-            raise ValueError(f"num_bins must be a power of two >= 16 (exact re-binning), got {num_bins}")
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+            raise ValueError(f"num_bins must be an integer >= 2 (a power of two >= 16 is recommended), got {num_bins!r}")
+        # pytorch-quantization's grow_method (deprecated there, ignored) and torch_hist (numpy or torch
+        # binning): the range here always grows by powers of two and bins with torch, so both are accepted
+        # for compatibility and have no effect.
+        self._grow_method = grow_method
+        self._torch_hist = torch_hist
         super().__init__(num_bits, axis, unsigned, ignore_nonfinite)
         self._num_bins = num_bins
         self._skip_zeros = skip_zeros
@@ -196,6 +202,18 @@ class HistogramCalibrator(Calibrator):
         self._hist = None
         self._range = None
         self._statistics_changed()
+
+    @property
+    def _calib_hist(self) -> Optional[Tensor]:
+        """pytorch-quantization's name: the counts over [0, range] (all ``num_bins``), or None."""
+        return None if self._hist is None else self._hist
+
+    @property
+    def _calib_bin_edges(self) -> Optional[Tensor]:
+        """pytorch-quantization's name: the ``num_bins + 1`` bin edges, or None."""
+        if self._hist is None:
+            return None
+        return torch.arange(self._num_bins + 1, device=self._hist.device, dtype=torch.float32) * (self._range / self._num_bins)
 
     @property
     def histogram(self) -> Optional[Tuple[Tensor, Tensor]]:

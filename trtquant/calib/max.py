@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
+from ..errors import CalibrationError
 from .base import Calibrator
 
 
@@ -48,7 +49,7 @@ class MaxCalibrator(Calibrator):
             self._calib_amax = batch_amax.clone()
         else:
             if batch_amax.shape != self._calib_amax.shape:
-                raise ValueError(
+                raise CalibrationError(
                     f"per-channel amax shape changed between batches: {tuple(self._calib_amax.shape)} -> "
                     f"{tuple(batch_amax.shape)}; the quantized axis must keep its size"
                 )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -69,9 +69,16 @@ def _prepare(hist: Tensor, edges: Tensor) -> tuple[Tensor, Tensor]:
     return counts, edges32
 
 
-def _check_quant_args(num_bits: int, unsigned: bool, start_bin: int, stride: int) -> None:
-    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 2 <= num_bits <= 16:
-        raise ValueError(f"num_bits must be an int in [2, 16], got {num_bits!r}")
+_FP8 = {(4, 3): 448.0, (5, 2): 57344.0}
+
+
+def _check_quant_args(num_bits: Any, unsigned: bool, start_bin: int, stride: int, fp8: bool = False) -> None:
+    if fp8 and isinstance(num_bits, (tuple, list)) and tuple(num_bits) in _FP8:
+        pass
+    elif isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 2 <= num_bits <= 16:
+        raise ValueError(f"num_bits must be an int in [2, 16]{' or an FP8 format (4, 3)/(5, 2)' if fp8 else ''}, "
+                         f"got {num_bits!r}" + ("" if fp8 or not isinstance(num_bits, tuple) else
+                                                "; for FP8 use method 'mse', 'percentile' or 'max'"))
     if not isinstance(unsigned, bool):
         raise TypeError(f"unsigned must be a bool, got {unsigned!r}")
     if isinstance(start_bin, bool) or not isinstance(start_bin, int) or start_bin < 1:
@@ -84,7 +91,7 @@ def _check_percentile(percentile: float) -> None:
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
         raise TypeError(f"percentile must be a number, got {percentile!r}")
     if not (0.0 < float(percentile) <= 100.0):
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+        raise ValueError(f"percentile must be in the range (0, 100], got {percentile!r}")
 
 
 def _last_nonzero_upper_edge(counts: Tensor, edges: Tensor) -> Tensor:
@@ -98,7 +105,7 @@ def _last_nonzero_upper_edge(counts: Tensor, edges: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # fake quantization (the exact formula of ONNX QuantizeLinear -> DequantizeLinear)
 # --------------------------------------------------------------------------------------------------
-def _fake_quant_rows(x: Tensor, amax_column: Tensor, num_bits: int, unsigned: bool) -> Tensor:
+def _fake_quant_rows(x: Tensor, amax_column: Tensor, num_bits: Any, unsigned: bool) -> Tensor:
     """Fake-quantize ``x`` ([n] or [C, n]) with one amax per row (``amax_column`` [C, 1]), float32.
 
     Exactly TensorRT's / ONNX Q->DQ arithmetic so the searched amax is optimal for the engine that
@@ -106,6 +113,11 @@ def _fake_quant_rows(x: Tensor, amax_column: Tensor, num_bits: int, unsigned: bo
     division, not a multiplication by the reciprocal, which rounds differently), clamped to
     ``[-bound - 1, bound]`` (unsigned ``[0, bound]``), ``y = q * scale``.
     """
+    if isinstance(num_bits, tuple):  # FP8: amax maps to the format's largest value
+        from ..functional import fp8_round
+
+        ratio = _FP8[num_bits] / amax_column.to(torch.float32)
+        return fp8_round(x.to(torch.float32) * ratio, num_bits) / ratio
     bound = (1 << num_bits) - 1 if unsigned else (1 << (num_bits - 1)) - 1
     low = 0.0 if unsigned else float(-bound - 1)
     scale = amax_column.to(torch.float32) / bound
@@ -159,7 +171,9 @@ def mse_amax(
     every bin center with the exact Q/DQ formula (float32) and scores
     ``mean((q(centers) - centers)**2 * counts)`` in float64; the first minimum wins (``argmin``).
     """
-    _check_quant_args(num_bits, unsigned, start_bin, stride)
+    _check_quant_args(num_bits, unsigned, start_bin, stride, fp8=True)
+    if isinstance(num_bits, list):
+        num_bits = tuple(num_bits)
     counts, edges32 = _prepare(hist, edges)
     n = counts.numel()
     device = counts.device

@@ -56,6 +56,9 @@ def export_mode(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterato
             f"{len(missing)} quantizer(s) have no amax: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}; "
             "run trtquant.calibrate (or load a calibrated checkpoint) before export, or disable them"
         )
+    unsupported = [p for p in (q.export_format_problem() for q in active) if p]
+    if unsupported:  # num_bits other than 8 (fake-quant only): name every such layer at once
+        raise ExportError(f"{len(unsupported)} quantizer(s) cannot be exported: " + "; ".join(unsupported[:10]))
     scale_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
     # Narrow range is exported as the full int8 range with the same scale (exporters reject [-127, 127]).
     modes = {q: ExportMode.of(q, scale_dtype) for q in active}  # all computed before any is set

@@ -15,7 +15,7 @@ from ..descriptor import (
     QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL,
 )
-from .base import QuantMixin
+from .base import QuantMixin, check_unused_kwargs
 
 
 def _split_desc(kwargs: dict):
@@ -25,6 +25,7 @@ def _split_desc(kwargs: dict):
 class _QuantConvNd(QuantMixin):
     def _init(self, args, kwargs) -> None:
         desc_in, desc_w = _split_desc(kwargs)
+        check_unused_kwargs(self._float_type, kwargs)
         self._float_type.__init__(self, *args, **kwargs)
         self.init_quantizer(desc_in, desc_w)
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..descriptor import QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW
-from .base import QuantMixin
+from .base import QuantMixin, check_unused_kwargs
 
 
 class QuantLinear(QuantMixin, nn.Linear):
@@ -16,6 +16,7 @@ class QuantLinear(QuantMixin, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
         desc_in = kwargs.pop("quant_desc_input", None)
         desc_w = kwargs.pop("quant_desc_weight", None)
+        check_unused_kwargs(self._float_type, kwargs)
         self._float_type.__init__(self, in_features, out_features, bias=bias, **kwargs)
         self.init_quantizer(desc_in, desc_w)
 

@@ -11,7 +11,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..descriptor import QuantDescriptor
-from .base import QuantInputMixin, quant_input_from_float
+from .base import QuantInputMixin, check_unused_kwargs, quant_input_from_float
 
 
 class _QuantPool(QuantInputMixin):
@@ -19,6 +19,7 @@ class _QuantPool(QuantInputMixin):
 
     def _init(self, args, kwargs) -> None:
         desc_in = kwargs.pop("quant_desc_input", None)
+        check_unused_kwargs(self._float_type, kwargs)
         self._float_type.__init__(self, *args, **kwargs)
         self.init_quantizer(desc_in)
 
@@ -30,11 +31,11 @@ class _QuantPool(QuantInputMixin):
         return quant_input_from_float(cls, module, quant_desc_input)
 
 
-def _make(name: str, base: type) -> type:
+def _make(name: str, base: type, module: str = __name__) -> type:
     def __init__(self, *args, **kwargs):
         self._init(args, kwargs)
 
-    return type(name, (_QuantPool, base), {"_float_type": base, "__init__": __init__, "__module__": __name__,
+    return type(name, (_QuantPool, base), {"_float_type": base, "__init__": __init__, "__module__": module,
                                             "__doc__": f"{base.__name__} with an input quantizer."})
 
 

@@ -1,0 +1,1 @@
+"""pytorch-quantization's ``optim``: parameter grouping and freezing helpers for QAT (``optim.helper``)."""
