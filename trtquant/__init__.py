@@ -22,6 +22,7 @@ from .quantizer import TensorQuantizer
 from .sensitivity import FallbackReport, LayerSensitivity, auto_fallback, sensitivity
 from .states import QuantStateError, QuantStateWarning, get_state, set_state
 from .quant_modules import enable_onnx_export
+from . import ptq  # noqa: E402  advanced PTQ steps: trtquant.ptq.equalize / smooth_quant / bias_correction / adaround
 
 __version__ = "0.1.0"
 

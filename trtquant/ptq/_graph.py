@@ -1,0 +1,76 @@
+"""Graph queries shared by the PTQ steps: trace once with torch.fx, read producer/consumer links.
+
+Quantized layers and quantizers are leaves (:func:`trtquant.placement.fx_pass.trace_quantized`), so the
+same queries work on a float model and on one that :func:`trtquant.quantize` has already swapped.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..quantizer import TensorQuantizer
+
+#: Weighted layers whose output channels (weight dim 0) the PTQ steps rescale.
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def trace(model: nn.Module) -> Optional[fx.Graph]:
+    """The model's fx graph, or None when torch.fx cannot trace it (data-dependent control flow)."""
+    from ..placement.fx_pass import trace_quantized
+
+    try:
+        return trace_quantized(model)
+    except Exception:  # torch.fx raises many types (TraceError, TypeError, AttributeError...)
+        return None
+
+
+def module_of(model: nn.Module, node: fx.Node) -> Optional[nn.Module]:
+    if node.op != "call_module":
+        return None
+    return model.get_submodule(str(node.target))
+
+
+def activation_kind(model: nn.Module, node: fx.Node) -> Optional[str]:
+    """'relu', 'relu6' or None for any other node."""
+    m = module_of(model, node)
+    if isinstance(m, nn.ReLU):
+        return "relu"
+    if isinstance(m, nn.Hardtanh) and float(m.min_val) == 0.0 and float(m.max_val) == 6.0:
+        return "relu6"  # nn.ReLU6 is a Hardtanh(0, 6)
+    if node.op == "call_function":
+        if node.target in (F.relu, torch.relu):
+            return "relu"
+        if node.target is F.relu6:
+            return "relu6"
+        if node.target is F.hardtanh and tuple(node.args[1:3]) == (0.0, 6.0):
+            return "relu6"
+    if node.op == "call_method" and node.target == "relu":
+        return "relu"
+    return None
+
+
+def call_counts(graph: fx.Graph) -> Dict[str, int]:
+    """How often each submodule is called: a reused module cannot be rescaled for one call site."""
+    counts: Dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+    return counts
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def require_uncalibrated(model: nn.Module, step: str) -> None:
+    """Steps that rewrite weights or input ranges must run before calibration: amax would be stale after."""
+    stale = [n for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.amax is not None]
+    if stale:
+        raise ValueError(f"{step} changes weights and activation ranges, but {len(stale)} quantizer(s) already have "
+                         f"an amax ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); run {step} before "
+                         "trtquant.calibrate (on the float model or right after trtquant.quantize)")
