@@ -40,6 +40,7 @@ from trtquant.service.store import (
     Job,
     _clip_log,
     canonical_json,
+    eviction_victims,
     default_owner,
     is_job_id,
     is_key,
@@ -592,16 +593,7 @@ class PgJobStore:
                                     "ORDER BY used, created_at, key FOR UPDATE").fetchall()
                 pinned = {row["key"] for row in conn.execute(
                     "SELECT DISTINCT key FROM jobs WHERE status IN ('queued', 'running')").fetchall()}
-                total = sum(int(row["bytes"]) for row in rows)
-                victims: list[tuple[str, str]] = []
-                for row in rows:
-                    if row["key"] in pinned or row["key"] in keep:
-                        continue
-                    too_old = max_age_s is not None and clock - float(row["used"]) > max_age_s
-                    too_big = max_bytes is not None and total > max_bytes
-                    if too_old or too_big:
-                        victims.append((row["key"], row["suffix"]))
-                        total -= int(row["bytes"])
+                victims = eviction_victims(rows, pinned | set(keep), clock, max_age_s, max_bytes)
                 if victims:
                     conn.execute("DELETE FROM artifacts WHERE key = ANY(%s)", ([key for key, _ in victims],))
                 return victims

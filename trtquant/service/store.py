@@ -604,16 +604,7 @@ class JobStore:
             rows = db.execute("SELECT key, suffix, bytes, COALESCE(last_used_at, created_at) AS used FROM artifacts "
                               "ORDER BY used, created_at, key").fetchall()
             pinned = {row["key"] for row in db.execute("SELECT DISTINCT key FROM jobs WHERE status IN ('queued', 'running')")}
-            total = sum(int(row["bytes"]) for row in rows)
-            victims: list[tuple[str, str]] = []
-            for row in rows:
-                if row["key"] in pinned or row["key"] in keep:
-                    continue
-                too_old = max_age_s is not None and now - float(row["used"]) > max_age_s
-                too_big = max_bytes is not None and total > max_bytes
-                if too_old or too_big:
-                    victims.append((row["key"], row["suffix"]))
-                    total -= int(row["bytes"])
+            victims = eviction_victims(rows, pinned | set(keep), now, max_age_s, max_bytes)
             for key, _ in victims:
                 db.execute("DELETE FROM artifacts WHERE key = ?", (key,))
         return victims
@@ -810,3 +801,21 @@ class ArtifactStore:
                 removed.append(str(entry.relative_to(self.workdir)))
         missing = [key for key, suffix in published.items() if not self.path_for(key, suffix).is_file()]
         return {"removed": removed, "missing": missing}
+
+
+def eviction_victims(rows: Any, protected: Any, now: float, max_age_s: float | None,
+                     max_bytes: int | None) -> list[tuple[str, str]]:
+    """(key, suffix) of the artifacts to evict, least recently used first: older than ``max_age_s``, or while the
+    total is over ``max_bytes``; ``protected`` keys (referenced by queued/running jobs, or kept) never. ``rows``
+    have key, suffix, bytes and used (last use time), in eviction order. One policy for both job stores."""
+    total = sum(int(row["bytes"]) for row in rows)
+    victims: list[tuple[str, str]] = []
+    for row in rows:
+        if row["key"] in protected:
+            continue
+        too_old = max_age_s is not None and now - float(row["used"]) > max_age_s
+        too_big = max_bytes is not None and total > max_bytes
+        if too_old or too_big:
+            victims.append((row["key"], row["suffix"]))
+            total -= int(row["bytes"])
+    return victims
