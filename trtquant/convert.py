@@ -15,6 +15,7 @@ from torch import nn
 from .config import QuantConfig
 from .nn.base import QuantInputMixin, QuantMixin
 from .nn.custom import CallQuantMixin, twin_type
+from .nn.pool import _QuantPool
 from .nn.registry import QUANT_MODULE_MAP
 from .quantizer import TensorQuantizer
 
@@ -145,6 +146,8 @@ def quantize(
             if inc is not None and name and not list(module.children()) and _named(name, module, inc):
                 unsupported.append(f"{name} ({type(module).__name__})")
             continue
+        if issubclass(quant_cls, _QuantPool) and _fp8(cfg.for_module(name).input):
+            continue  # placement rule fp8_skips: TensorRT runs no FP8 pooling, the pool stays float
         if type(module) is not float_t and not issubclass(quant_cls, CallQuantMixin):
             logger.info("%s is a subclass %s of %s; quantizing it as %s", name, type(module).__name__,
                         float_t.__name__, float_t.__name__)
@@ -166,7 +169,10 @@ def quantize(
 
     for name, module, quant_cls in targets:
         descs = _descriptors_for(name, cfg, quant_cls)
+        weight_only = "quant_desc_input" not in descs
         new = quant_cls.from_float(module, **descs)
+        if weight_only and isinstance(getattr(new, "input_quantizer", None), TensorQuantizer):
+            new.input_quantizer.disable()  # input=None: weight-only (INT4 blocks with FP16 activations)
         if isinstance(module, nn.Module) and module.training != new.training:
             new.train(module.training)
         _set_submodule(model, name, new)
@@ -182,9 +188,13 @@ def quantize(
     return model
 
 
+def _fp8(desc) -> bool:
+    return desc is not None and desc.is_fp8
+
+
 def _descriptors_for(name: str, cfg: QuantConfig, quant_cls: type) -> dict:
     own = cfg.for_module(name)
-    descs = {"quant_desc_input": own.input}
+    descs = {} if own.input is None else {"quant_desc_input": own.input}
     if issubclass(quant_cls, QuantMixin):
         descs["quant_desc_weight"] = own.weight  # None -> the class's per-channel default
     return descs

@@ -34,10 +34,10 @@ AxisLike = Optional[Union[int, Tuple[int, ...]]]
 NumBits = Union[int, Tuple[int, int]]
 
 _FIELDS = ("num_bits", "axis", "unsigned", "narrow_range", "fake_quant", "amax", "learn_amax", "scale_amax",
-           "calib_method", "name")
+           "calib_method", "name", "block_size")
 _DEFAULTS: Dict[str, Any] = {"num_bits": 8, "axis": None, "unsigned": False, "narrow_range": False,
                              "fake_quant": True, "amax": None, "learn_amax": False, "scale_amax": None,
-                             "calib_method": "max", "name": None}
+                             "calib_method": "max", "name": None, "block_size": None}
 
 
 def _normalize_num_bits(num_bits: Any) -> NumBits:
@@ -112,6 +112,9 @@ class QuantDescriptor:
         learn_amax: amax becomes a trainable parameter (QAT).
         scale_amax: multiply amax (calibrated, fixed or dynamic) by this factor.
         calib_method: 'max' or 'histogram' statistics collector.
+        block_size: quantize the last dimension in blocks of this many elements, one amax per (row, block)
+            (INT4 weight-only for TensorRT: blocks of 64 or 128 along a Linear weight's input dimension).
+            Implies ``axis=(0,)``; max calibration only. A trtquant extension (ModelOpt's ``block_sizes``).
     """
 
     num_bits: Any = 8
@@ -125,6 +128,7 @@ class QuantDescriptor:
     learn_amax: bool = False
     scale_amax: Optional[float] = None
     calib_method: str = "max"
+    block_size: Optional[int] = None
     version: InitVar[int] = DESCRIPTOR_VERSION
 
     def __post_init__(self, version: int) -> None:
@@ -149,7 +153,21 @@ class QuantDescriptor:
             )
         if self.is_fp8 and self.unsigned:
             raise ValueError(f"num_bits={self.num_bits}: FP8 formats are signed; unsigned=True is not supported")
+        if self.block_size is not None:
+            self._check_block()
 
+    def _check_block(self) -> None:
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 2:
+            raise ValueError(f"block_size must be an integer >= 2 (TensorRT INT4: 64 or 128), got {b!r}")
+        object.__setattr__(self, "block_size", int(b))
+        if self.is_fp8:
+            raise ValueError("block_size is supported for integer formats (INT4/INT8 weights); FP8 quantizes per tensor")
+        if self.axis not in (None, (0,)):
+            raise ValueError(f"block_size={b} keeps one amax per (row, block): axis must be None or 0, got {self.axis}")
+        if self.calib_method != "max":
+            raise ValueError("block_size needs calib_method='max' (weights are calibrated from their own values)")
+        object.__setattr__(self, "axis", (0,))
     @property
     def is_fp8(self) -> bool:
         return isinstance(self.num_bits, tuple)
@@ -222,6 +240,8 @@ class QuantDescriptor:
         out["num_bits"] = list(self.num_bits) if self.is_fp8 else self.num_bits
         out["axis"] = None if self.axis is None else list(self.axis)
         out["amax"] = None if self.amax is None else self.amax.tolist()
+        if self.block_size is None:
+            del out["block_size"]  # dicts of unblocked descriptors stay as before (configs, caches)
         out["version"] = DESCRIPTOR_VERSION
         return out
 

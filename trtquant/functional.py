@@ -422,7 +422,11 @@ def fp8_round(x: Tensor, fmt: Tuple[int, int] = (4, 3)) -> Tensor:
 
 
 class _FakeFp8Function(torch.autograd.Function):
-    """x -> fp8_round(x * bound / amax) * amax / bound, straight-through inside [-amax, amax]."""
+    """x -> fp8_round(x / s) * s with s = amax / bound (float32), straight-through inside [-amax, amax].
+
+    Division by the float32 scale, as TensorRT (``castToFp8(clip(x / s))``) and ONNX's QuantizeLinear
+    compute it, so the exported FP8 Q/DQ reproduces these values bit for bit.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, amax: Optional[Tensor], fmt: Tuple[int, int]):
@@ -432,9 +436,8 @@ class _FakeFp8Function(torch.autograd.Function):
             amax_t = torch.tensor(bound, device=x.device)
         else:
             amax_t = amax.detach().to(torch.float32)
-            scale = torch.where(amax_t > 0, bound / amax_t, torch.ones_like(amax_t))
-            xf = x.float()
-            out = (fp8_round(xf * scale, fmt) / scale).to(x.dtype)
+            scale = amax_to_scale(amax_t, bound)
+            out = (fp8_round(x.float() / scale, fmt) * scale).to(x.dtype)
         # Values below FP16's resolution become exactly 0 (no inf/NaN from a huge scale on a tiny amax).
         out = torch.where(x.abs() < _TINY, torch.zeros_like(out), out)
         ctx.save_for_backward(x, amax_t)

@@ -37,7 +37,8 @@ from .errors import CalibrationError, ExportError, QuantizerNotCalibratedError
 from .functional import Clip, amax_to_scale, fake_fp8, fake_quant, quant_bounds, quantize
 
 #: What TensorRT's explicit quantization accepts, quoted by export errors.
-TRT_FORMATS = "INT8 (per tensor or per channel), FP8 E4M3 (per tensor), INT4 (weight-only, blocked)"
+TRT_FORMATS = ("INT8 (per tensor or per channel), FP8 E4M3 (num_bits=(4, 3), per tensor), INT4 weights in blocks "
+               "(num_bits=4, block_size=64 or 128, weight-only)")
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,12 @@ def end_shared_observations(quantizers) -> None:
 
 @dataclass(frozen=True)
 class ExportMode:
-    """How a quantizer emits ``torch.ops.trtquant.qdq`` during ONNX export: constant scale and zero point.
+    """How a quantizer emits its export op during ONNX export: constant scale and zero point.
 
-    ``axis`` is -1 for per-tensor; ``qmin``/``qmax`` the integer range written (narrow range exports
-    as the full range with the same scale); ``compute_dtype`` the float dtype of the Q/DQ math.
+    ``kind`` 'int' (INT8: ``torch.ops.trtquant.qdq``), 'fp8' (E4M3: ``trtquant.qdq_fp8``) or 'block'
+    (INT4 blocked weights: ``trtquant.qdq_block``); ``axis`` is -1 for per-tensor; ``qmin``/``qmax``
+    the integer range written (narrow range exports as the full range with the same scale);
+    ``compute_dtype`` the float dtype of the Q/DQ math.
     """
 
     scale: Tensor
@@ -61,23 +64,37 @@ class ExportMode:
     qmin: int
     qmax: int
     compute_dtype: Optional[torch.dtype] = None
+    kind: str = "int"
+    block_size: int = 0
 
     @classmethod
     def of(cls, q: "TensorQuantizer", scale_dtype: torch.dtype = torch.float32) -> "ExportMode":
         scale, zp, axis = q.export_constants(scale_dtype)
+        d = q.quant_desc
+        if d.is_fp8:
+            bound = int(d.bound)
+            return cls(scale, zp, axis, -bound, bound, scale_dtype, "fp8")
+        if d.block_size is not None:  # signed (export_format_problem); narrow range written as the full range
+            half = 1 << (int(d.num_bits) - 1)
+            return cls(scale, zp, axis, -half, half - 1, scale_dtype, "block", d.block_size)
         info = torch.iinfo(zp.dtype)
         return cls(scale, zp, axis, info.min, info.max, scale_dtype)
 
     def apply(self, x: Tensor) -> Tensor:
-        from .export.qdq_op import qdq
+        from .export.qdq_op import qdq, qdq_block, qdq_fp8
 
-        axis = self.axis
-        if axis < -1 or (axis == -1 and self.scale.dim() == 1):
-            axis += x.dim()
         dt = self.compute_dtype
-        if dt is not None and x.dtype != dt:
-            return qdq(x.to(dt), self.scale, self.zero_point, axis, self.qmin, self.qmax).to(x.dtype)
-        return qdq(x, self.scale, self.zero_point, axis, self.qmin, self.qmax)
+        xin = x.to(dt) if dt is not None and x.dtype != dt else x
+        if self.kind == "fp8":
+            out = qdq_fp8(xin, self.scale)
+        elif self.kind == "block":
+            out = qdq_block(xin, self.scale, self.block_size, self.qmin, self.qmax)
+        else:
+            axis = self.axis
+            if axis < -1 or (axis == -1 and self.scale.dim() == 1):
+                axis += x.dim()
+            out = qdq(xin, self.scale, self.zero_point, axis, self.qmin, self.qmax)
+        return out.to(x.dtype) if out.dtype != x.dtype else out
 
 
 class SharedQuantResult:
@@ -342,6 +359,8 @@ class TensorQuantizer(nn.Module):
 
     def _make_calibrator(self) -> Calibrator:
         d = self.quant_desc
+        if d.block_size is not None:  # sees the (rows, blocks, block_size) view; one amax per (row, block)
+            return MaxCalibrator(d.num_bits, (0, 1), d.unsigned)
         if d.calib_method == "histogram":
             return HistogramCalibrator(d.num_bits, d.axis, d.unsigned)
         return MaxCalibrator(d.num_bits, d.axis, d.unsigned)
@@ -523,8 +542,15 @@ class TensorQuantizer(nn.Module):
         if self.quant_desc.axis is not None and len(self.quant_desc.axis) > 1:
             raise ExportError(f"{self._label()} keeps amax along axes {self.quant_desc.axis}; ONNX and TensorRT scale "
                               "along one axis at most: use axis=None or a single channel axis for export")
+        d = self.quant_desc
+        if d.is_fp8:  # per tensor (export_format_problem); zero point float8 0
+            scale = amax_to_scale(amax, d.bound).reshape(())
+            return scale.detach().to(scale_dtype).clone(), torch.zeros((), dtype=torch.float8_e4m3fn), -1
         qmin, qmax, bound = quant_bounds(self.num_bits, self.unsigned, self.narrow_range)
         scale = amax_to_scale(amax, bound)
+        if d.block_size is not None:  # (rows, blocks): one scale per block of the last dimension
+            scale = scale.reshape(scale.shape[0], -1)
+            return scale.detach().to(scale_dtype).clone(), torch.zeros(scale.shape, dtype=torch.int8), 1
         axis = -1  # per tensor
         if self.quant_desc.per_channel:
             axis = self.quant_desc.channel_axis
@@ -570,14 +596,23 @@ class TensorQuantizer(nn.Module):
         return amax
 
     def export_format_problem(self) -> Optional[str]:
-        """Why TensorRT cannot take this quantizer's format (None when it can: INT8 today)."""
+        """Why TensorRT cannot take this quantizer's format (None when it can): INT8 (per tensor or
+        per channel), FP8 E4M3 per tensor, INT4 in blocks (weights)."""
         d = self.quant_desc
-        if d.num_bits == 8:
+        if d.num_bits == 8 and d.block_size is None:
+            return None
+        if d.num_bits == (4, 3) and not d.per_channel:
+            return None
+        if d.num_bits == 4 and not d.unsigned and d.block_size is not None:
             return None
         who = self.name or f"TensorQuantizer(num_bits={d.num_bits!r})"  # no amax read: may run while tracing
-        return (f"{who} quantizes to {d.format_name} ({'axis=' + str(d.axis) if d.axis else 'per tensor'}), "
+        if d.block_size is not None:
+            layout = f"blocks of {d.block_size}"
+        else:
+            layout = "axis=" + str(d.axis) if d.axis else "per tensor"
+        return (f"{who} quantizes to {d.format_name} ({layout}), "
                 f"which this exporter cannot write for TensorRT; TensorRT accepts {TRT_FORMATS}. "
-                "Use num_bits=8 for this layer or disable its quantizer before export")
+                "Use one of those for this layer or disable its quantizer before export")
 
     def _check_onnx_readiness(self) -> None:
         if self._disabled or not self._if_quant:
@@ -626,9 +661,11 @@ class TensorQuantizer(nn.Module):
         mode = self.export_mode
         if mode is not None:
             return mode.apply(x)
+        d = self.quant_desc
+        if d.block_size is not None:
+            return self._forward_blocked(x)
         if self._if_calib:
             self._observe(x)
-        d = self.quant_desc
         if not self._if_quant:
             if self._if_clip and d.learn_amax and "clip" in self._modules:
                 return self.clip(x)  # pytorch-quantization's clip-only stage (range learning)
@@ -660,6 +697,31 @@ class TensorQuantizer(nn.Module):
             slot.put(x, key, out)
             return out
         return fake_quant(x, amax, d.num_bits, d.unsigned, d.narrow_range)
+
+    def _blocks(self, x: Tensor) -> Tensor:
+        """The (rows, blocks, block_size) view of a 2-D weight quantized in blocks of its last dimension."""
+        bs = self.quant_desc.block_size
+        if x.dim() != 2 or x.shape[-1] % bs:
+            raise ValueError(f"{self._label()}: block_size={bs} quantizes a 2-D weight whose last dimension is a "
+                             f"multiple of {bs}; got shape {tuple(x.shape)}. Use a block size that divides the "
+                             "input features, or per-channel quantization for this layer")
+        return x.reshape(x.shape[0], x.shape[1] // bs, bs)
+
+    def _forward_blocked(self, x: Tensor) -> Tensor:
+        d = self.quant_desc
+        xb = self._blocks(x)
+        if self._if_calib:
+            self._observe(xb)
+        if not self._if_quant:
+            return x
+        amax = self._amax
+        if amax is None:
+            if not self.dynamic_amax:
+                self._dynamic_amax(x)  # raises, naming this quantizer
+            amax = xb.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32)
+        else:
+            amax = amax.to(x.device).reshape(xb.shape[0], xb.shape[1], 1)
+        return fake_quant(xb, amax, d.num_bits, d.unsigned, d.narrow_range).reshape(x.shape)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

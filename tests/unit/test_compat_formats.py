@@ -120,7 +120,7 @@ def test_export_names_the_layer_and_what_tensorrt_accepts():
             pass
     msg = str(info.value)
     assert "0.weight_quantizer quantizes to int4" in msg and "TensorRT accepts INT8" in msg
-    assert "FP8 E4M3 (per tensor)" in msg and "INT4 (weight-only, blocked)" in msg
+    assert "FP8 E4M3 (num_bits=(4, 3), per tensor)" in msg and "block_size=64 or 128, weight-only" in msg
 
 
 @pytest.mark.parametrize("fmt", [(4, 3), (5, 2)])

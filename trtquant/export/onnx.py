@@ -26,6 +26,7 @@ from ..convert import name_quantizers
 from ..errors import ExportError
 from ..outputs import flatten_outputs, onnx_output_names
 from ..quantizer import ExportMode, TensorQuantizer
+from .lower_formats import FP8_OPSET, INT4_OPSET, lower_trtquant_qdq
 from .ort_flavor import ort_flavor_
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,16 @@ def export_mode(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterato
     finally:
         for q in active:
             q.export_mode = None
+
+
+def _formats(model: nn.Module) -> set:
+    """The export formats of the active quantizers: 'int8', 'fp8', 'int4' (blocked weights)."""
+    out = set()
+    for q in model.modules():
+        if isinstance(q, TensorQuantizer) and q.is_enabled and q._if_quant:
+            d = q.quant_desc
+            out.add("fp8" if d.is_fp8 else "int4" if d.block_size is not None else "int8")
+    return out
 
 
 def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:
@@ -130,13 +141,22 @@ def export_onnx(
     if opset < 13:
         raise ValueError(f"opset {opset} is too old: per-channel QuantizeLinear needs opset >= 13")
     torch_dtype = _DTYPES[dtype]
+    formats = _formats(model)
+    if target == "onnxruntime" and formats - {"int8"}:
+        raise ValueError(f"target='onnxruntime' writes ONNX Runtime's INT8 kernel graph, but the model also quantizes to "
+                         f"{', '.join(sorted(formats - {'int8'}))}: export FP8/INT4 with target='tensorrt' (ONNX "
+                         "Runtime runs that graph's Q/DQ too; trtquant.compare checks it)")
     want = opset
     if dtype != "fp32":
         opset = max(opset, 19)
     if exporter == "dynamo":
         opset = max(opset, 18)
+    if "fp8" in formats:
+        opset = max(opset, FP8_OPSET)
+    if "int4" in formats:
+        opset = max(opset, INT4_OPSET)
     if opset != want:
-        logger.info("opset raised from %d to %d (%s)", want, opset, "fp16/bf16 scales" if dtype != "fp32" else "dynamo exporter")
+        logger.info("opset raised from %d to %d (%s)", want, opset, "fp16/bf16 scales, FP8/INT4 or the dynamo exporter")
 
     path = Path(path)
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _as_tuple(example_inputs))
@@ -170,6 +190,7 @@ def export_onnx(
     if len(proto.graph.output) != len(out_names):
         raise ExportError(f"torch.onnx ({exporter}) wrote {len(proto.graph.output)} output(s) for the {len(out_names)} "
                           f"tensor(s) {type(model).__name__} returns ({', '.join(out_names)}); return each tensor once")
+    lower_trtquant_qdq(proto)  # FP8 / blocked INT4 placeholders -> standard Q/DQ
     dedupe_qdq(proto)
     reduce_mean_to_global_pool(proto)  # rewrites only inputs shape inference proves 4-D
     if target == "onnxruntime":

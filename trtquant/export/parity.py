@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["QuantizeParity", "TeacherForcedReport", "teacher_forced", "activation_quantize_nodes", "qdq_probe_outputs",
            "with_extra_outputs", "run_with_outputs", "requantize", "amax_for_scale", "relative_l2", "cosine",
-           "with_relative_noise"]
+           "with_relative_noise", "WeightParity", "weight_parity", "fp8_ordinals"]
 
 OnnxModel = Union[str, "os.PathLike[str]", Any]  # a path or an onnx.ModelProto
 
@@ -315,9 +315,14 @@ class _Grid:
     qmin: int
     qmax: int
     numel: Optional[int] = None  # elements of the input it saw (shape filter for best-fit matching)
+    fp8: bool = False  # FP8 E4M3: levels are the ordinals of the E4M3 values (one step = one FP8 ulp)
 
     def levels(self, x: Tensor) -> Tensor:
         """Signed level index ``code - zero_point``: int8 (zp 0) and uint8 (zp 128) codes of one grid agree."""
+        if self.fp8:
+            from ..functional import fp8_round
+
+            return fp8_ordinals(fp8_round(x.float() / self.scale.float(), (4, 3)).to(torch.float8_e4m3fn))
         return requantize(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax) - self._zp(x)
 
     def _zp(self, x: Tensor) -> Tensor:
@@ -327,6 +332,17 @@ class _Grid:
             shape[self.axis % x.dim()] = -1
             zp = zp.reshape(shape)
         return zp
+
+
+def fp8_ordinals(codes: Union[Tensor, np.ndarray]) -> Tensor:
+    """E4M3 values (a float8 tensor, or their uint8 bit patterns as ONNX Runtime returns them) as signed
+    ordinals, so that neighbouring FP8 values differ by one and +0/-0 are both 0."""
+    if isinstance(codes, np.ndarray):
+        bits = torch.from_numpy(codes.view(np.uint8).astype(np.int32))
+    else:
+        bits = codes.view(torch.uint8).to(torch.int32)
+    magnitude = bits & 0x7F
+    return torch.where(bits & 0x80 != 0, -magnitude, magnitude)
 
 
 def _module_path(node_name: str) -> str:
@@ -352,7 +368,11 @@ def _model_grids(model: nn.Module, args: Tuple[Tensor, ...], scale_dtype: torch.
         if name.endswith("weight_quantizer") or not (q.is_enabled and q._if_quant) or q.amax is None:
             continue
         mode = ExportMode.of(q, scale_dtype)
-        grid = _Grid(name, mode.scale.detach().cpu(), mode.zero_point.detach().cpu(), mode.axis, mode.qmin, mode.qmax)
+        if mode.kind == "block":
+            continue  # blocked weights only (weight_parity checks them)
+        grid = _Grid(name, mode.scale.detach().cpu(), mode.zero_point.detach().cpu().to(torch.int32)
+                     if mode.kind == "fp8" else mode.zero_point.detach().cpu(), mode.axis, mode.qmin, mode.qmax,
+                     fp8=mode.kind == "fp8")
         grids[name] = grid
 
         def record(_m: nn.Module, inp: Tuple[Any, ...], grid: _Grid = grid) -> None:
@@ -372,7 +392,14 @@ def _model_grids(model: nn.Module, args: Tuple[Tensor, ...], scale_dtype: torch.
     return grids
 
 
+def _is_fp8(zp: np.ndarray) -> bool:
+    return "float8" in str(zp.dtype)
+
+
 def _graph_grid(node: Any, scale: np.ndarray, zp: np.ndarray, axis: int) -> _Grid:
+    if _is_fp8(zp):
+        return _Grid(node.name, torch.from_numpy(np.array(scale, np.float32)), torch.zeros((), dtype=torch.int32), axis,
+                     -448, 448, fp8=True)
     info = np.iinfo(zp.dtype)
     return _Grid(node.name, torch.from_numpy(np.array(scale)), torch.from_numpy(np.array(zp).astype(np.int32)),
                  axis, int(info.min), int(info.max))
@@ -442,7 +469,11 @@ def _check_node(g: Any, q: Any, values: Mapping[str, np.ndarray], grids: Mapping
     scale, zp, axis = _q_constants(g, q)
     x = torch.from_numpy(np.asarray(values[q.input[0]]))
     graph = _graph_grid(q, scale, zp, axis)
-    got = torch.from_numpy(np.asarray(values[q.output[0]]).astype(np.int32)) - graph._zp(x)
+    if graph.fp8:
+        got = fp8_ordinals(np.asarray(values[q.output[0]]))
+    else:
+        got = torch.from_numpy(np.asarray(values[q.output[0]]).astype(np.int32)) - graph._zp(x)
+    grids = {k: v for k, v in grids.items() if v.fp8 == graph.fp8}  # an FP8 node stands for an FP8 quantizer
     if not grids:
         ref, how, name = graph, "graph", None
     else:
@@ -453,7 +484,7 @@ def _check_node(g: Any, q: Any, values: Mapping[str, np.ndarray], grids: Mapping
         node=q.name or q.output[0], tensor=q.input[0], quantizer=name, matched_by=how, codes=int(diff.numel()),
         mismatched=int((diff > 0).sum()), max_diff=int(diff.max()) if diff.numel() else 0,
         graph_scale=float(np.max(scale)), reference_scale=float(ref.scale.float().max()),
-        graph_zero_point=int(np.max(zp)), off_by_one=int((diff == 1).sum()))
+        graph_zero_point=0 if graph.fp8 else int(np.max(zp)), off_by_one=int((diff == 1).sum()))
 
 
 def _match(q: Any, x: Tensor, got: Tensor, graph: _Grid, grids: Mapping[str, _Grid]) -> Tuple[_Grid, str]:
@@ -469,7 +500,7 @@ def _match(q: Any, x: Tensor, got: Tensor, graph: _Grid, grids: Mapping[str, _Gr
     # the producer's scope, which in the flavoured model can itself be a quantizer (a folded BatchNorm's
     # output observer) - the wrong one for a requantization of that tensor by its readers.
     own_name = bool(q.name) and q.name.rsplit("/", 1)[-1].startswith("QuantizeLinear")
-    named = grids.get(_module_path(q.name)) if own_name else None
+    named = (grids.get(_module_path(q.name)) if own_name else None) or _scoped(q, grids)
     if named is not None:
         return named, "name"
     g_scale = max(float(graph.scale.float().max()), 1e-30)
@@ -489,3 +520,85 @@ def _match(q: Any, x: Tensor, got: Tensor, graph: _Grid, grids: Mapping[str, _Gr
 
 
 _SCREEN = 8192  # codes sampled per candidate grid before the full comparison
+
+
+def _scoped(q: Any, grids: Mapping[str, _Grid]) -> Optional[_Grid]:
+    """The quantizer a dynamo-exported node stands for: the deepest of its module scopes (the exporter's
+    ``pkg.torch.onnx.name_scopes`` metadata, e.g. ['', 'features', 'features.0.input_quantizer', 'qdq']) that
+    is a quantizer; None without that metadata."""
+    import ast
+
+    for p in q.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                return None
+            return next((grids[sc] for sc in reversed(scopes) if isinstance(sc, str) and sc in grids), None)
+    return None
+
+
+# ---- pre-quantized (blocked INT4) weights -----------------------------------------------------------
+
+@dataclass
+class WeightParity:
+    """One weight DequantizeLinear on a pre-quantized initializer: ONNX Runtime's weight vs the fake-quant weight."""
+
+    node: str
+    quantizer: Optional[str]
+    shape: Tuple[int, ...]
+    block_size: int
+    mismatched: int  # elements that differ (bit-exact comparison)
+    max_abs_diff: float
+
+
+def weight_parity(model: nn.Module, onnx_path: OnnxModel) -> List[WeightParity]:
+    """Each blocked DequantizeLinear of ``onnx_path`` (INT4 weights), dequantized by ONNX Runtime and compared
+    element by element with the PyTorch weight quantizer's output (transposed where the export stored the
+    weight as ``[K, N]``). Identical weights and inputs make the layer identical: this is the per-layer
+    parity of weight-only quantization, where no activation QuantizeLinear exists to teacher-force.
+    """
+    from onnx import helper
+
+    from ..calibrate import quantizers
+    from ..graph.index import GraphIndex
+
+    proto = _load(onnx_path)
+    g = GraphIndex(proto)
+    dqs = [n for n in g.nodes if n.op_type == "DequantizeLinear" and g.attr(n, "block_size", 0)
+           and n.input[0] in g.initializers]
+    if not dqs:
+        return []
+    extra = {n.output[0]: helper.np_dtype_to_tensor_dtype(g.const(n.input[1]).dtype) for n in dqs}
+    feeds = {i: np.zeros([d.dim_value or 1 for d in v.type.tensor_type.shape.dim],
+                         helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+             for v in proto.graph.input if v.name in g.inputs for i in [v.name]}
+    values = run_with_outputs(proto, extra, feeds)
+    from ..quantizer import ExportMode
+
+    half = any(g.const(n.input[1]).dtype == np.float16 for n in dqs)
+    scale_dtype = torch.float16 if half else torch.float32
+    refs: Dict[str, Tensor] = {}
+    owners = dict(model.named_modules())
+    with torch.no_grad():
+        for name, q in quantizers(model).items():
+            if q.quant_desc.block_size is None or not name.endswith("weight_quantizer") or q.amax is None:
+                continue
+            owner = owners.get(name.rsplit(".", 1)[0] if "." in name else "")
+            w = getattr(owner, "weight", None)
+            if isinstance(w, Tensor):  # the exported grid (an FP16 graph has FP16 scales)
+                refs[name] = ExportMode.of(q, scale_dtype).apply(w.detach().to(scale_dtype)).float().cpu()
+    out: List[WeightParity] = []
+    for n in dqs:
+        got = torch.from_numpy(np.asarray(values[n.output[0]], dtype=np.float32))
+        best: Optional[Tuple[int, float, str]] = None
+        for name, ref in refs.items():
+            for cand in (ref, ref.t()):
+                if cand.shape == got.shape:
+                    diff = (cand - got).abs()
+                    key = (int((diff > 0).sum()), float(diff.max()) if diff.numel() else 0.0, name)
+                    best = key if best is None or key < best else best
+        out.append(WeightParity(n.name or n.output[0], best[2] if best else None, tuple(got.shape),
+                                int(g.attr(n, "block_size", 0)), best[0] if best else int(got.numel()),
+                                best[1] if best else float("inf")))
+    return out

@@ -409,7 +409,10 @@ def _runtime_attention(name: str, module: nn.Module, cfg, state: PlacementState,
     attention and any F.linear on its quantized layers' weights (:mod:`.attention`)."""
     if select is not None and not select(name, module):
         return False
-    for qname, rule in attention.make_functional_attention(module, _config_for(cfg, name)):
+    own = _config_for(cfg, name)
+    if getattr(own, "input", True) is None:  # weight-only layers: no activation quantizers to place
+        return False
+    for qname, rule in attention.make_functional_attention(module, own):
         state.rules[_join(name, qname)] = rule
     return True
 
@@ -471,6 +474,9 @@ def _rewrite_owner(root: nn.Module, owner: str, sites: List[Tuple[str, Optional[
     module = root.get_submodule(owner) if owner else root
     full_owner = _join(prefix, owner) or "model"
     cfg = _config_for(cfg, _join(prefix, owner))
+    if getattr(cfg, "input", True) is None:
+        _skip(state, full_owner, "its config says input=None (weight-only): no activation quantizers placed")
+        return
     constants, why = agreed_constants(full_owner, calls if owner else None)
     if constants is None:
         _skip(state, full_owner, str(why))
@@ -499,6 +505,8 @@ def _rewrite_owner(root: nn.Module, owner: str, sites: List[Tuple[str, Optional[
                 state.rules[_join(_join(prefix, owner), qname)] = rule
             changed = True
             continue
+        if rules.fp8_skips(kind, cfg.input):
+            continue  # FP8 runs only in GEMM/conv/attention kernels: no residual or pooling Q/DQ
         base = "residual_quantizer" if kind == "add" else "pool_quantizer"
         qname = _free_name(module, base)
         module.add_module(qname, TensorQuantizer(cfg.input))

@@ -57,6 +57,8 @@ def add_output_observers_(model: nn.Module, graph: "fx.Graph | None" = None) -> 
         layer = modules.get(str(n.target)) if n.op == "call_module" else None
         if not isinstance(layer, QuantMixin) or not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed:
             continue
+        if layer.input_quantizer.quant_desc.is_fp8:
+            continue  # the ONNX Runtime target is INT8 only: an FP8 model never exports to it
         end_name, end = _epilogue_end(n, modules)
         if hasattr(end, OUTPUT_OBSERVER):
             continue

@@ -35,3 +35,11 @@ RULE_CALL_INPUT = "input of the conv/linear call in the layer's own forward (for
 RULE_CALL_WEIGHT = "weight as it enters the conv/linear call in the layer's own forward (per output channel)"
 RULE_FUNCTIONAL_INPUT = "input of an F.conv*d/F.linear call on a parameter (owner's forward rewritten)"
 RULE_FUNCTIONAL_WEIGHT = "weight of an F.conv*d/F.linear call on a parameter (per output channel)"
+
+
+def fp8_skips(kind: str, desc) -> bool:
+    """FP8 placement rule: with FP8 E4M3 activations only weighted layers (Conv/Linear, functional calls) and
+    attention BMMs get quantizers. TensorRT runs FP8 in GEMM, convolution and fused-attention kernels only
+    (ModelOpt's FP8 recipe quantizes Conv/Gemm/MatMul inputs alone); an FP8 Q/DQ on a residual Add or a
+    pooling input is a float round trip there (checker C28-fp8-fusion)."""
+    return kind in ("add", "pool") and desc is not None and getattr(desc, "is_fp8", False)

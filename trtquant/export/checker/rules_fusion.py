@@ -13,7 +13,7 @@ from trtquant.graph import ops
 from trtquant.graph.dag import concat_quantizer_groups, residual_split
 from trtquant.graph.index import is_default_domain, names_of
 
-from .context import Ctx, consumers_of, fmt, rule, same, walk_back
+from .context import FP8, INT4, Ctx, consumers_of, fmt, rule, same, walk_back
 from .report import Finding
 
 #: The linear part of a conv epilogue (BN, Identity, bias add/scale): a Q/DQ after it still sits on
@@ -41,6 +41,9 @@ def _c17_partial(ctx: Ctx) -> Iterator[Finding]:
         if len(node.input) < 2:
             continue
         act, wt = ctx.behind_dq(node.input[0]), ctx.behind_dq(node.input[1])
+        w_dq = ctx.dq_of(node.input[1]) if wt else None
+        if wt and not act and w_dq is not None and w_dq.qdtype in INT4:
+            continue  # INT4 is weight-only in TensorRT: float (FP16) activations are the design
         if act != wt:
             have, miss = ("weight", "activation") if wt else ("activation", "weight")
             missing = node.input[0] if wt else node.input[1]
@@ -91,6 +94,11 @@ def _c19_conv_activation(ctx: Ctx) -> Iterator[Finding]:
                               f"move the Q/DQ after {g.names[acts[0]]!r} (onto the next weighted op's input)")
 
 
+def _fp8_weighted(ctx: Ctx, idx: int) -> bool:
+    dq = ctx.dq_of(ctx.g.nodes[idx].input[1])
+    return dq is not None and dq.qdtype in FP8
+
+
 @rule("C20-residual-add")
 def _c20_residual_add(ctx: Ctx) -> Iterator[Finding]:
     g, dag = ctx.g, ctx.dag
@@ -121,7 +129,7 @@ def _c20_residual_add(ctx: Ctx) -> Iterator[Finding]:
                           "INT8 ('the precision of the first input to the element-wise addition determines the "
                           "precision of the output of the fusion')",
                           f"move the quantizer from {node.input[c]!r} to the identity input {node.input[s]!r}")
-        elif ctx.quantized_weighted(conv):
+        elif ctx.quantized_weighted(conv) and not _fp8_weighted(ctx, conv):  # FP8: no residual Q/DQ (C28)
             yield Finding("warning", "C20-residual-add", nodes,
                           f"no quantized input in {where} while {op} {cv!r} is quantized: the identity input is "
                           f"float, so TensorRT cannot fuse {op}+Add in INT8",

@@ -13,7 +13,10 @@ from .context import FP8, HALF, INT4, QDQ, Ctx, rule
 from .report import Finding
 
 #: Highest default-domain opset per target (TensorRT 10.0 parses 9-20; later limits unconfirmed).
-MAX_OPSET: dict[str, int] = {"trt10": 20, "trt11": 20, "dla": 20}
+#: trt10: 10.0's parser accepts opsets 9-20 (onnx-tensorrt docs/operators.md); its INT4 needed trt::DequantizeLinear.
+#: trt11: the parser builds with ONNX 1.17 (opset 22) since 10.6 (onnx-tensorrt changelog), and ModelOpt
+#: exports FP8/INT4 Q/DQ at opset 21 for it.
+MAX_OPSET: dict[str, int] = {"trt10": 20, "trt11": 22, "dla": 20}
 
 #: QOperator-format ops (the TensorRT parser rejects them; it reads only Q/DQ).
 _QOPERATOR = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"})
@@ -53,7 +56,8 @@ def _a2_opset(ctx: Ctx) -> Iterator[Finding]:
     if opset > top:
         yield Finding("error", "A2-opset", (),
                       f"opset {opset} is above {top}, the highest default-domain opset the TensorRT ONNX parser is "
-                      f"known to accept for target {ctx.target} (10.0 accepts 9-20; later limits unconfirmed)",
+                      f"known to accept for target {ctx.target} (10.0 accepts 9-20; parsers built with ONNX 1.17, 10.6 "
+                      "and later, read up to 22: use target 'trt11' for them)",
                       f"export with opset_version={min(top, 17)} (e.g. torch.onnx.export(..., opset_version=17))")
     groups: list[tuple[int, Callable[[QDQ], bool], str]] = [
         (13, lambda q: q.granularity in ("channel", "block"), "per-channel scales (the axis attribute)"),

@@ -265,6 +265,10 @@ def _b14_int4(ctx: Ctx) -> Iterator[Finding]:
             problems.append(f"the last dimension {q.shape[-1]} is odd")
         if q.block_size and q.rank and q.axis is not None and q.axis % q.rank < q.rank - 2:
             problems.append(f"the block axis {q.axis} is not one of the last two dimensions")
+        if q.granularity != "block":
+            problems.append(f"{q.granularity or 'unknown'} scales; TensorRT's INT4 needs per-block scales")
+        elif q.block_size not in (64, 128):
+            problems.append(f"block_size {q.block_size}; TensorRT supports INT4 blocks of 64 and 128")
         if problems:
             yield Finding("error", "B14-int4", q.names, f"{d}: " + "; ".join(problems),
                           "use INT4 only for constant 2-D weights with an even last dimension, blocked along "

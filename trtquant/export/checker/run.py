@@ -12,7 +12,7 @@ from onnx import TensorProto as TP
 from trtquant.graph.index import GraphIndex
 
 # The rule modules register their rules on import; RULES orders them by checklist number.
-from . import rules_attention, rules_fusion, rules_kernels, rules_model, rules_qdq  # noqa: F401
+from . import rules_attention, rules_fp8, rules_fusion, rules_kernels, rules_model, rules_qdq  # noqa: F401
 from .context import RULES, Ctx, collect_qdq
 from .report import CheckReport, Finding, Target
 
