@@ -20,6 +20,7 @@ from .errors import (
 from .qat import amax_param_groups, clamp_learned_amax, freeze_bn_stats, prepare_qat, unfreeze_bn_stats
 from .quantizer import TensorQuantizer
 from .sensitivity import FallbackReport, LayerSensitivity, auto_fallback, sensitivity
+from .debug import DebugReport, debug
 from .states import QuantStateError, QuantStateWarning, get_state, set_state
 from .quant_modules import enable_onnx_export
 from . import ptq  # noqa: E402  advanced PTQ steps: trtquant.ptq.equalize / smooth_quant / bias_correction / adaround
@@ -32,6 +33,6 @@ __all__ = [
     "EngineBuildError", "QuantizerNotCalibratedError", "TensorRTNotAvailableError",
     "set_state", "get_state", "QuantStateError", "QuantStateWarning",
     "prepare_qat", "amax_param_groups", "freeze_bn_stats", "unfreeze_bn_stats", "clamp_learned_amax",
-    "sensitivity", "auto_fallback", "LayerSensitivity", "FallbackReport",
+    "sensitivity", "auto_fallback", "LayerSensitivity", "FallbackReport", "debug", "DebugReport",
     "enable_onnx_export",
 ]

@@ -135,12 +135,16 @@ def _error(ref: List[List[Tensor]], out: List[List[Tensor]]) -> Tuple[float, flo
             sig += float((r64 * r64).sum())
             noise += float(((r64 - o64) ** 2).sum())
             n += r.numel()
-    mse = noise / max(n, 1)
+    return _sqnr(sig, noise), noise / max(n, 1)
+
+
+def _sqnr(sig: float, noise: float) -> float:
+    """10 log10(signal / noise) in dB: inf when the noise is zero, -inf when the signal is (shared with debug)."""
     if noise == 0:
-        return math.inf, 0.0
+        return math.inf
     if sig == 0:
-        return -math.inf, mse
-    return 10.0 * math.log10(sig / noise), mse
+        return -math.inf
+    return 10.0 * math.log10(sig / noise)
 
 
 def _materialise(data: Optional[Iterable[Any]], num_batches: Optional[int]) -> List[Any]:
@@ -242,7 +246,8 @@ def _export_summary(model: nn.Module) -> Tuple[Dict[str, int], Dict[str, int], i
 
 def auto_fallback(model: nn.Module, data: Optional[Iterable[Any]], metric: Metric, budget: float,
                   max_layers: Optional[int] = None, ranking: Optional[Sequence[LayerSensitivity]] = None,
-                  num_batches: Optional[int] = None, relative: bool = False) -> FallbackReport:
+                  num_batches: Optional[int] = None, relative: bool = False,
+                  rank_by: str = "output") -> FallbackReport:
     """Disable the most sensitive layers, one at a time, until ``metric`` is within ``budget`` of float.
 
     Args:
@@ -254,7 +259,12 @@ def auto_fallback(model: nn.Module, data: Optional[Iterable[Any]], metric: Metri
         budget: allowed drop from the float metric (absolute, in the metric's units; with
             ``relative=True`` a fraction of the float metric).
         max_layers: stop after this many layers even if the budget is not met.
-        ranking: a precomputed :func:`sensitivity` result (most sensitive first).
+        ranking: a precomputed :func:`sensitivity` result (most sensitive first), or
+            :meth:`trtquant.debug.DebugReport.ranking`.
+        rank_by: without ``ranking``: 'output' ranks by :func:`sensitivity` (each layer quantized
+            alone, one pass over ``data`` per layer); 'teacher_forced' by the layer-wise debugger's
+            teacher-forced SQNR (:func:`trtquant.debug.debug`: each layer's own error on its FP32
+            input; per batch two model passes and one call per layer). Needs ``data``.
 
     Returns a :class:`FallbackReport`; ``met`` is False (and a warning logged) when the budget was not
     reached - the layers disabled so far stay disabled.
@@ -263,6 +273,15 @@ def auto_fallback(model: nn.Module, data: Optional[Iterable[Any]], metric: Metri
         raise ValueError(f"budget must be >= 0, got {budget}")
     if max_layers is not None and max_layers < 0:
         raise ValueError(f"max_layers must be >= 0 or None, got {max_layers}")
+    if rank_by not in ("output", "teacher_forced"):
+        raise ValueError(f"unknown rank_by {rank_by!r}; known: output, teacher_forced")
+    if ranking is None and rank_by == "teacher_forced":
+        if data is None:
+            raise ValueError("rank_by='teacher_forced' needs data (the debugger runs the model on it); pass data "
+                             "or rank_by='output'")
+        from .debug import debug
+
+        ranking = debug(model, data, num_batches=num_batches).ranking()
     if ranking is None:
         ranking = sensitivity(model, data, metric=None if data is not None else metric, num_batches=num_batches)
     groups = quant_groups(model)

@@ -20,6 +20,7 @@ typical flow (ONNX Runtime on CPU; swap 'build'/'bench' to TensorRT on a GPU mac
   trtquant calibrate q.pt --data random --num-batches 4 --method entropy -o q_cal.pt
   trtquant export    q_cal.pt -o resnet18_int8.onnx
   trtquant check     resnet18_int8.onnx --target trt10
+  trtquant debug     q_cal.pt resnet18_int8.onnx --plot sqnr.png       # per-layer SQNR, first divergence
   trtquant build     resnet18_int8.onnx -o resnet18.engine            # needs TensorRT
   trtquant bench     resnet18_int8.onnx --backend onnxruntime --batch-sizes 1,8
 """
@@ -237,6 +238,25 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_debug(a: argparse.Namespace) -> int:
+    from ..debug import debug
+    from . import checkpoint
+
+    model, info = checkpoint.load(a.checkpoint)
+    shape = info.get("input_shape") or _parse_shape(a.input_shape)
+    if a.size:
+        shape = [shape[0], a.size, a.size]
+    data = _calibration_batches(a.data, shape, a.batch_size, a.num_batches)
+    report = debug(model, data, onnx_path=a.onnx, num_batches=a.num_batches, runtime=a.runtime, top_k=a.top_k,
+                   progress=not a.quiet)
+    print(report.format_table())
+    _emit_json(report.to_dict(), a.json)
+    if a.plot:
+        report.plot(a.plot)
+        print(f"wrote {a.plot}")
+    return 1 if report.first_divergence or report.first_divergence_tensorrt else 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from ..demo import run_demo
 
@@ -360,6 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the chaos floor (PyTorch vs itself under 1e-6 relative input noise)")
     s.add_argument("--json")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("debug", help="per-layer quantization error (SQNR) and the first layer where the runtime "
+                                     "diverges (exit 1 when one does)")
+    s.add_argument("checkpoint")
+    s.add_argument("onnx", nargs="?", help="the graph exported from the checkpoint: also check ONNX Runtime's codes")
+    s.add_argument("--data", default="random", help="'random' (structure only), or a .npy/.pt tensor of inputs")
+    s.add_argument("--num-batches", type=int, default=2)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--size", type=int, help="override image height/width")
+    s.add_argument("--input-shape", help="C,H,W for module:function models")
+    s.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="tensorrt: also run the graph in TensorRT through Polygraphy (when installed)")
+    s.add_argument("--top-k", type=int, default=5, help="how many worst layers to name")
+    s.add_argument("--json", help="also write the report as JSON")
+    s.add_argument("--plot", help="PNG of SQNR per layer")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_debug)
 
     s = sub.add_parser("demo", help="one model end to end: FP32 vs INT8 accuracy and latency")
     s.add_argument("--quick", action="store_true")
