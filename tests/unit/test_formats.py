@@ -297,3 +297,25 @@ def test_clip_weight_amax_never_increases_the_block_error():
     assert (err_after <= err_before + 1e-7).all() and (wq.amax <= before_amax).all()
     assert gains["0.weight_quantizer"] > 0 and (wq.amax < before_amax).sum() >= 1
     assert wq.amax.reshape(4, 2)[0, 0] == 8.0  # clipping the outlier costs more than it saves
+
+
+@pytest.mark.parametrize("name", ["vit", "hf_sdpa"])
+def test_fp8_attention_bmms_are_placed_fusable_and_exact(tmp_path, name):
+    """FP8 placement on a transformer: every Linear and both attention matmuls (Q, K, softmax, V quantizers) in
+    FP8; the graph has every attention block C27-fusable, no errors, and ONNX Runtime is exact."""
+    from tests._transformers import small_models
+    from trtquant.nn.attention import BMM_QUANTIZERS
+
+    make, inp, blocks = small_models()[name]
+    torch.manual_seed(0)
+    x = inp()
+    q = _calibrated(make().eval(), FP8_DEFAULT, x)
+    bmm = [m for n, m in q.named_modules() if n.rsplit(".", 1)[-1] in BMM_QUANTIZERS]
+    assert len(bmm) == 4 * blocks and all(m.quant_desc.is_fp8 for m in bmm)
+    path = tmp_path / f"{name}_fp8.onnx"
+    export_onnx(q, x, path, exporter="legacy", dtype="fp16")
+    check = check_onnx(str(path), target="trt10")
+    assert not check.errors, check.format_table()
+    assert sum(f.rule == "C27-attention-fusable" for f in check.findings) == blocks, check.format_table()
+    report = teacher_forced(copy.deepcopy(q).half(), path, x.half())
+    assert report.mismatched == 0, report.format_table()

@@ -84,8 +84,9 @@ def minilm_format(fmt: str, workdir: Path, quick: bool = False, block_size: int 
     path = Path(workdir) / f"minilm_{fmt}.onnx"
     export_onnx(q, (b["input_ids"], b["attention_mask"]), path, exporter="legacy",
                 input_names=["input_ids", "attention_mask"])
-    report = check_onnx(str(path), target="trt11")
-    out: Dict[str, Any] = {"format": fmt, "block_size": block_size if "int4" in fmt else None,
+    target = "trt11" if "int4" in fmt else "trt10"  # INT4 needs opset 21 (TensorRT 10.6+ parser)
+    report = check_onnx(str(path), target=target)
+    out: Dict[str, Any] = {"checker_target": target, "format": fmt, "block_size": block_size if "int4" in fmt else None,
                            "int4_amax": ("clip search" if clip else "max") if "int4" in fmt else None,
                            "weight_formats": dict(formats), "fake_quant": fake, "sentences": len(sentences),
                            "checker_errors": [f.rule for f in report.errors],
