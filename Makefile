@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
-	$(BIN)/python -m pip install -qq -e '.[bench,accuracy,service,dev]'
+	$(BIN)/python -m pip install -qq -e '.[bench,accuracy,service,s3,dev]'
 	# tensorrt-stubs declares a dependency on tensorrt, which cannot be installed here.
 	$(BIN)/python -m pip install -qq --no-deps tensorrt-stubs
 	rm -f $(VENV)/.installed-*

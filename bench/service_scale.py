@@ -13,7 +13,11 @@ queue latency = claim time - submission time (from Postgres), p50/p99. Then ``--
 submissions (10 distinct models, the rest identical copies: cache hits and waiters) to one
 API node and its resident memory before and after (``VmRSS``).
 
-    python bench/service_scale.py [--workers 1,2,3] [--builds 24] [--delay 1.0] [--rss-submissions 500]
+    python bench/service_scale.py [--workers 1,2,3] [--builds 24] [--delay 1.0] [--rss-submissions 500] [--s3]
+
+``--s3`` keeps artifacts and uploads in an S3-compatible bucket (``--artifact-url``) served by
+moto's standalone S3 server on a local port (needs the ``s3`` and ``dev`` extras) instead of
+the shared folder.
 
 Prints one JSON object and a table; reports, never asserts.
 """
@@ -67,8 +71,29 @@ def qdq_model(channels: int, seed: int) -> bytes:
     return model.SerializeToString()
 
 
+class ObjectStore:
+    """moto's S3 server on a free local port with one bucket (the ``--s3`` variant)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                    "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.bucket = f"trtq-bench-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket=self.bucket)
+
+
 class Cluster:
-    def __init__(self, workers: int, delay: float, root: Path) -> None:
+    def __init__(self, workers: int, delay: float, root: Path, s3: ObjectStore | None = None) -> None:
         self.root, self.procs = root, []
         self.db = f"trtquant_bench_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
@@ -78,8 +103,12 @@ class Cluster:
         self.prefix = f"trtq-bench-{uuid.uuid4().hex[:8]}:"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRTQUANT_SERVICE_")}
         env["TRTQUANT_SERVICE_TEST_BUILD_DELAY_S"] = str(delay)
-        common = ["--database-url", self.db_url, "--broker-url", f"{REDIS}/{self.redis_db}", "--shared-dir",
-                  str(root / "shared"), "--key-prefix", self.prefix]
+        where = ["--shared-dir", str(root / "shared")]
+        if s3 is not None:
+            env.update(s3.env)
+            where = ["--artifact-url", f"s3://{s3.bucket}/{self.prefix.rstrip(':')}"]
+        common = ["--database-url", self.db_url, "--broker-url", f"{REDIS}/{self.redis_db}", *where,
+                  "--key-prefix", self.prefix]
         port_file = root / "api.port"
         self._start([sys.executable, "-m", "trtquant.service", "--scale-out", "--port", "0", "--port-file", str(port_file),
                      "--workdir", str(root / "api"), "--log-level", "warning", "--max-upload-mb", "8", *common], env, "api")
@@ -151,10 +180,10 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def throughput_run(workers: int, builds: int, delay: float) -> dict[str, Any]:
+def throughput_run(workers: int, builds: int, delay: float, s3: ObjectStore | None = None) -> dict[str, Any]:
     models = [qdq_model(8, seed) for seed in range(builds)]
     with tempfile.TemporaryDirectory(prefix="trtq-bench-") as tmp:
-        cluster = Cluster(workers, delay, Path(tmp))
+        cluster = Cluster(workers, delay, Path(tmp), s3)
         try:
             started = time.time()
             with ThreadPoolExecutor(8) as pool:
@@ -172,10 +201,10 @@ def throughput_run(workers: int, builds: int, delay: float) -> dict[str, Any]:
             "build_time_p50_s": round(statistics.median(r[2] - r[1] for r in rows), 3)}
 
 
-def rss_run(submissions: int, delay: float) -> dict[str, Any]:
+def rss_run(submissions: int, delay: float, s3: ObjectStore | None = None) -> dict[str, Any]:
     distinct = [qdq_model(8, 1000 + i) for i in range(10)]
     with tempfile.TemporaryDirectory(prefix="trtq-bench-") as tmp:
-        cluster = Cluster(2, delay, Path(tmp))
+        cluster = Cluster(2, delay, Path(tmp), s3)
         try:
             before = cluster.api_rss_mib()
             started = time.time()
@@ -199,11 +228,17 @@ def main() -> int:
     ap.add_argument("--delay", type=float, default=1.0)
     ap.add_argument("--rss-submissions", type=int, default=500)
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--s3", action="store_true", help="artifacts in an S3 bucket (moto's server) instead of a folder")
     args = ap.parse_args()
-    runs = [throughput_run(int(n), args.builds, args.delay) for n in args.workers.split(",")]
-    rss = rss_run(args.rss_submissions, args.delay) if args.rss_submissions > 0 else None
-    result = {"bench": "service_scale", "machine": {"cpu": platform.processor() or platform.machine(),
-                                                    "cores": os.cpu_count()},
+    s3 = ObjectStore() if args.s3 else None
+    try:
+        runs = [throughput_run(int(n), args.builds, args.delay, s3) for n in args.workers.split(",")]
+        rss = rss_run(args.rss_submissions, args.delay, s3) if args.rss_submissions > 0 else None
+    finally:
+        if s3 is not None:
+            s3.server.stop()
+    result = {"bench": "service_scale", "artifacts": "s3 (moto server)" if s3 else "shared folder",
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
               "build_delay_s": args.delay, "runs": runs, "rss": rss}
     print(json.dumps(result, indent=2))
     if args.out:

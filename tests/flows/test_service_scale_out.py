@@ -101,8 +101,9 @@ class Proc:
 class Cluster:
     """Two API nodes and three workers on one test database, Redis db and shared folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, artifact_url: str | None = None, env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.artifact_url = artifact_url
         self.shared = root / "shared"
         self.shared.mkdir(parents=True)
         self.db_name = f"trtquant_scale_{uuid.uuid4().hex[:12]}"
@@ -114,12 +115,14 @@ class Cluster:
         self.prefix = f"trtq-test-{uuid.uuid4().hex[:8]}:"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRTQUANT_SERVICE_")}
         self.env["TRTQUANT_SERVICE_TEST_BUILD_DELAY_S"] = str(DELAY_S)
+        self.env.update(env or {})
         self.apis: list[Proc] = []
         self.api_urls: list[str] = []
         self.workers: list[Proc] = []
 
     def common(self) -> list[str]:
-        return ["--database-url", self.db_url, "--broker-url", self.broker, "--shared-dir", str(self.shared),
+        where = ["--artifact-url", self.artifact_url] if self.artifact_url else ["--shared-dir", str(self.shared)]
+        return ["--database-url", self.db_url, "--broker-url", self.broker, *where,
                 "--key-prefix", self.prefix, "--lease-s", str(LEASE_S)]
 
     def start(self) -> Cluster:

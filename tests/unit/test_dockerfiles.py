@@ -116,7 +116,7 @@ def check_dockerfile(path: Path, from_pattern: str) -> None:
         f"one HEALTHCHECK on /healthz with Python's urllib (no curl/wget in the image): {healthchecks}"
     assert "curl" not in healthchecks[0] and "wget" not in healthchecks[0]
 
-    assert any(kind == "RUN" and '.[service]' in args for kind, args in steps), "install trtquant with the service extra"
+    assert any(kind == "RUN" and re.search(r'\.\[service[],]', args) for kind, args in steps), "install trtquant with the service extra"
     assert ("EXPOSE", "8000") in steps
     cmd = [args for kind, args in steps if kind == "CMD"][-1]
     assert '"trtquant.service"' in cmd and '"0.0.0.0"' in cmd and '"/data"' in cmd and cmd.startswith("[")

@@ -65,6 +65,10 @@ def add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--broker-url", default=None, help="Celery broker, redis://... (or $TRTQUANT_SERVICE_BROKER_URL)")
     group.add_argument("--shared-dir", default=None,
                        help="artifact folder shared with the workers (or $TRTQUANT_SERVICE_SHARED_DIR; default --workdir)")
+    group.add_argument("--artifact-url", default=None,
+                       help="s3://bucket[/prefix]: artifacts and uploads in an S3-compatible object store instead of "
+                            "--shared-dir (or $TRTQUANT_SERVICE_ARTIFACT_URL; endpoint and credentials from the "
+                            "standard AWS variables, e.g. $AWS_ENDPOINT_URL; needs trtquant[s3])")
     group.add_argument("--key-prefix", default=None, help="Redis key prefix (or $TRTQUANT_SERVICE_KEY_PREFIX)")
     group.add_argument("--worker-ttl-s", type=float, default=15.0, help="a worker silent this long is offline (default 15)")
     group.add_argument("--no-worker-grace-s", type=float, default=60.0,
@@ -92,6 +96,12 @@ def scale_out_from_args(args: argparse.Namespace) -> dict[str, object]:
     shared = args.shared_dir or env_value("TRTQUANT_SERVICE_SHARED_DIR")
     if shared:
         fields["shared_dir"] = Path(shared)
+    artifact_url = args.artifact_url or env_value("TRTQUANT_SERVICE_ARTIFACT_URL")
+    if artifact_url:
+        from trtquant.service.object_store import parse_artifact_url
+
+        parse_artifact_url(artifact_url)  # ValueError naming what is wrong
+        fields["artifact_url"] = artifact_url
     missing = [name for name in ("database_url", "broker_url") if not fields[name]]
     if missing:
         raise ValueError(f"--scale-out needs {' and '.join('--' + m.replace('_', '-') for m in missing)} "

@@ -106,6 +106,8 @@ class ServiceConfig:
         database_url: Postgres URL of the job store (scale-out).
         broker_url: Celery broker URL, ``redis://...`` (scale-out).
         shared_dir: artifact and upload folder shared by every node (scale-out; default ``workdir``).
+        artifact_url: ``s3://bucket[/prefix]``: artifacts and uploads in an S3-compatible object
+            store instead of the shared folder (scale-out; see :mod:`~trtquant.service.object_store`).
         redis_key_prefix: prefix of this deployment's Redis keys (scale-out).
         worker_ttl_s: a worker whose heartbeat is older is offline (scale-out).
         no_worker_grace_s: a queued build of a kind with no worker online fails after this (scale-out).
@@ -134,6 +136,7 @@ class ServiceConfig:
     database_url: str | None = None
     broker_url: str | None = None
     shared_dir: Path | None = None
+    artifact_url: str | None = None
     redis_key_prefix: str | None = None
     worker_ttl_s: float = 15.0
     no_worker_grace_s: float = 60.0
@@ -686,6 +689,9 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
     """
     import trtquant
 
+    if config.artifact_url and not config.scale_out:
+        raise ValueError("artifact_url (--artifact-url) is a scale-out option: the embedded mode keeps artifacts "
+                         "in its work folder; add --scale-out or drop it")
     workdir = Path(config.workdir)
     state: dict[str, Any] = {}
     check_cache = _CheckCache()
@@ -701,7 +707,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
             scale.start()
             state.update(store=scale.store, artifacts=scale.artifacts, backend=None, manager=scale, scale=scale,
                          validate=asyncio.Semaphore(max(1, config.validate_concurrency)))
-            _LOG.info("trtquant service: scale-out API node, shared folder %s, auth %s", scale.artifacts.workdir,
+            _LOG.info("trtquant service: scale-out API node, artifacts in the %s, auth %s", scale.artifacts.describe(),
                       "on" if token else "off")
             try:
                 yield
@@ -971,18 +977,21 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         record = state["store"].artifact(job.key)
         if record is None or not state["artifacts"].is_complete(record):
             raise HTTPException(404, "the artifact is no longer in the cache; resubmit the build")
-        if scale is not None:
-            try:
-                scale.verified_path(record)
-            except ScaleOutRejected as exc:
-                raise HTTPException(exc.status, exc.detail) from None
-        path = state["artifacts"].path_for(record.key, record.suffix)
         # Opened while pinned: eviction skips it, and an open file stays readable even if evicted later.
         with state["artifacts"].serving(record.key):
+            if scale is not None:
+                try:
+                    path = scale.verified_path(record)  # a local file: the shared one or a download
+                except ScaleOutRejected as exc:
+                    raise HTTPException(exc.status, exc.detail) from None
+            else:
+                path = state["artifacts"].path_for(record.key, record.suffix)
             try:
                 handle = open(path, "rb")
             except FileNotFoundError:
                 raise HTTPException(404, "the artifact is no longer in the cache; resubmit the build") from None
+            finally:
+                state["artifacts"].release_local(path)
         state["store"].touch_artifact(record.key)
 
         def chunks() -> Iterator[bytes]:

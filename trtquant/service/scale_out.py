@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from trtquant.service.kinds import check_kind
-from trtquant.service.store import ArtifactRecord, ArtifactStore, Job, cache_key, is_job_id, iso_time, new_job_id
+from trtquant.service.object_store import open_artifact_store
+from trtquant.service.store import ArtifactRecord, Job, cache_key, is_job_id, iso_time, new_job_id
 
 __all__ = ["KIND_KEY_SCHEME", "ScaleOut", "ScaleOutRejected", "parse_kinds"]
 
@@ -85,18 +85,6 @@ def kind_state(row: Mapping[str, Any]) -> str:
     return str(status)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` with ``src``'s bytes: a hard link (same volume), else a copy renamed into place."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        import shutil
-
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-
-
 class ScaleOut:
     """Postgres store, shared artifacts and the Celery producer of one API node.
 
@@ -119,9 +107,9 @@ class ScaleOut:
         self.redispatch_after_s = float(config.redispatch_after_s)
         self.interval_s = float(config.watchdog_interval_s or max(0.5, min(5.0, config.lease_s / 4)))
         self.store = PgJobStore(config.database_url, lease_s=config.lease_s)
-        shared = Path(config.shared_dir or config.workdir)
-        self.artifacts = ArtifactStore(shared, cache_max_bytes=config.cache_max_bytes,
-                                       cache_max_age_s=config.cache_max_age_s)
+        self.artifacts = open_artifact_store(Path(config.shared_dir or config.workdir), config.artifact_url,
+                                             cache_max_bytes=config.cache_max_bytes,
+                                             cache_max_age_s=config.cache_max_age_s)
         self.celery = celery_app(config.broker_url, key_prefix=config.redis_key_prefix)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,9 +161,8 @@ class ScaleOut:
             info = online.get(kind, {}).get("info", {})
             job_id = new_job_id()
             key = cache_key(onnx_sha256, canonical, KIND_KEY_SCHEME[0], KIND_KEY_SCHEME[1], kind)
-            target = self.artifacts.upload_path(job_id)
             if kind in online:
-                _link_or_copy(upload, target)  # before the row exists: a queued build always has its upload
+                self.artifacts.share_upload(upload, job_id)  # before the row exists: a queued build has its upload
             try:
                 job = self.store.create_job(
                     job_id=job_id, key=key, options=canonical, inputs=inputs, onnx_sha256=onnx_sha256,
@@ -184,12 +171,12 @@ class ScaleOut:
                     check_report=check_report, artifact_ok=self.artifacts.is_complete, submission_id=submission_id,
                     kind=kind, no_worker=kind not in online)
             except BaseException:
-                target.unlink(missing_ok=True)
+                self.artifacts.drop_upload(job_id)
                 raise
             if job.status == "queued" and job.leader_id is None:
                 send.append((job.id, kind))
-            else:
-                target.unlink(missing_ok=True)  # a cache hit, a waiter or no worker: never reads it
+            elif kind in online:
+                self.artifacts.drop_upload(job_id)  # a cache hit or a waiter: never reads it
             jobs[kind] = job
             _LOG.info("submission %s: kind %s -> job %s (%s%s)", submission_id, kind, job.id, job.status,
                       ", cache hit" if job.cache_hit else "", extra={"submission_id": submission_id, "job_id": job.id,
@@ -270,12 +257,14 @@ class ScaleOut:
         raise ScaleOutRejected(404, f"build {build_id} has no target kind {kind[:128]!r}")
 
     def verified_path(self, record: ArtifactRecord) -> Path:
-        """The artifact's path once its bytes match the recorded sha256 (cached per size and mtime).
+        """A local file with the artifact's bytes once they match the recorded sha256 (cached per
+        size and mtime for the shared folder; an object store's copy is checked as it is fetched).
+        Hand it to ``self.artifacts.release_local`` once it is open.
 
-        A mismatch (a corrupt or half-copied file on the shared volume) removes the file and its
-        record and raises ScaleOutRejected(503): the next submission rebuilds it."""
-        path = self.artifacts.path_for(record.key, record.suffix)
+        A mismatch (a corrupt or half-copied file or object) removes it and its record and raises
+        ScaleOutRejected(503): the next submission rebuilds it."""
         try:
+            path = self.artifacts.local_copy(record)
             stat = path.stat()
         except FileNotFoundError:
             raise ScaleOutRejected(404, "the artifact is no longer in the cache; resubmit the build") from None
@@ -287,10 +276,11 @@ class ScaleOut:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         if digest.hexdigest() != record.sha256 or stat.st_size != record.bytes:
-            _LOG.error("artifact %s failed its sha256 check (recorded %s, file %s); removed", record.key, record.sha256,
+            _LOG.error("artifact %s failed its sha256 check (recorded %s, got %s); removed", record.key, record.sha256,
                        digest.hexdigest())
             self.store.forget_artifact(record.key)
-            path.unlink(missing_ok=True)
+            self.artifacts.release_local(path)
+            self.artifacts.discard(record.key, record.suffix)
             raise ScaleOutRejected(503, "the artifact failed its sha256 check and was removed; resubmit to rebuild it")
         if len(self._verified) > 4096:
             self._verified.clear()
@@ -412,7 +402,12 @@ class ScaleOut:
                 else:
                     entry.unlink(missing_ok=True)
                 removed.append(entry.name)
+        removed += self.artifacts.sweep_shared_uploads(self._upload_unneeded, min_age_s)
         return removed
+
+    def _upload_unneeded(self, job_id: str) -> bool:
+        row = self.store.job_row(job_id)
+        return row is None or row["status"] in ("succeeded", "failed")
 
 
 def _overall(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -640,6 +640,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` with ``src``'s bytes: a hard link (same volume), else a copy renamed into place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
 DEFAULT_CACHE_MAX_BYTES = 10 * 1024**3
 DEFAULT_CACHE_MAX_AGE_S = 30 * 24 * 3600.0
 
@@ -696,6 +706,48 @@ class ArtifactStore:
     def remove_scratch(self, job_id: str) -> None:
         if is_job_id(job_id):
             shutil.rmtree(self.tmp / job_id, ignore_errors=True)
+
+    # --- what crosses nodes: uploads and artifacts. Here the (shared) folder itself; an object
+    # store keeps them in a bucket instead (trtquant.service.object_store.S3ArtifactStore).
+
+    def describe(self) -> str:
+        """Where artifacts live, for logs (no credentials)."""
+        return f"folder {self.workdir}"
+
+    def share_upload(self, src: Path, job_id: str) -> None:
+        """Make ``src`` (a received upload) readable by the worker that builds ``job_id``."""
+        link_or_copy(src, self.upload_path(job_id))
+
+    def fetch_upload(self, job_id: str) -> Path | None:
+        """The local path of ``job_id``'s upload, or None when it is gone."""
+        path = self.upload_path(job_id)
+        return path if path.is_file() else None
+
+    def drop_upload(self, job_id: str) -> None:
+        """Delete ``job_id``'s upload (its build ended or will never read it)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.upload_path(job_id).unlink(missing_ok=True)
+
+    def sweep_shared_uploads(self, unneeded: Callable[[str], bool], min_age_s: float) -> list[str]:
+        """Uploads kept outside this node's folder whose job ``unneeded`` says is over; none here
+        (the folder's own sweep covers them)."""
+        return []
+
+    def local_copy(self, record: ArtifactRecord) -> Path:
+        """A local file with the artifact's bytes to serve (FileNotFoundError when it is gone);
+        hand it back with :meth:`release_local` once it is open."""
+        path = self.path_for(record.key, record.suffix)
+        if not path.is_file():
+            raise FileNotFoundError(record.key)
+        return path
+
+    def release_local(self, path: Path) -> None:
+        """Called once a :meth:`local_copy` is open; the cache folder keeps its file."""
+
+    def discard(self, key: str, suffix: str) -> None:
+        """Remove one published artifact's bytes (a corrupt file, or one no row will point at)."""
+        with contextlib.suppress(OSError):
+            self.path_for(key, suffix).unlink(missing_ok=True)
 
     def is_complete(self, record: ArtifactRecord) -> bool:
         """The published file exists with the recorded size."""
@@ -756,15 +808,18 @@ class ArtifactStore:
                 pinned = set(keep) | set(self._served)
             victims = index.evict_artifacts(max_bytes=self.cache_max_bytes, max_age_s=self.cache_max_age_s,
                                             keep=pinned, now=now)
-            folders = set()
-            for key, suffix in victims:
-                path = self.path_for(key, suffix)
-                with contextlib.suppress(OSError):  # left behind: reconcile removes row-less files at start-up
-                    path.unlink()
-                folders.add(path.parent)
-            for folder in folders:
-                _fsync_dir(folder)
+            self._remove_evicted(victims)
         return [key for key, _ in victims]
+
+    def _remove_evicted(self, victims: list[tuple[str, str]]) -> None:
+        folders = set()
+        for key, suffix in victims:
+            path = self.path_for(key, suffix)
+            with contextlib.suppress(OSError):  # left behind: reconcile removes row-less files at start-up
+                path.unlink()
+            folders.add(path.parent)
+        for folder in folders:
+            _fsync_dir(folder)
 
     def reconcile(self, published: Mapping[str, str], keep_uploads: set[str]) -> dict[str, Any]:
         """Start-up clean-up: wipe scratch, drop unpublished cache files and stale uploads.

@@ -39,6 +39,7 @@ from trtquant.service.backends import Backend
 from trtquant.service.jobs import (BUILD_DELAY_ENV, _describe_fault, _JobLog, _short_traceback, _ThreadLogHandler,
                                    build_in_scratch)
 from trtquant.service.kinds import KIND_ENV, WorkerKind, queue_name
+from trtquant.service.object_store import open_artifact_store
 from trtquant.service.store import ArtifactRecord, ArtifactStore, default_owner
 
 __all__ = ["BuildWorker", "add_worker_arguments", "main", "resolve_worker_args", "run_worker"]
@@ -157,8 +158,7 @@ class BuildWorker:
 
     def _build(self, job: Any, log: _JobLog) -> str:
         extra = {"job_id": job.id, "kind": self.kind.id, "worker": self.id}
-        backend, stage, published, recorded = self.backend, "build", None, False
-        upload = self.artifacts.upload_path(job.id)
+        backend, stage, published, recorded = self.backend, "build", False, False
         try:
             log(f"build {job.id} started on worker {self.id} (kind {self.kind.id}; {backend.name} {backend.version}, "
                 f"{backend.device}); key {job.key}")
@@ -167,16 +167,19 @@ class BuildWorker:
             if existing is not None and self.artifacts.is_complete(existing):
                 log(f"artifact already in the cache (built by job {existing.build_job_id}); not rebuilding")
                 self.store.succeed_from_cache(job.id, existing, log.text())
-                with contextlib.suppress(OSError):
-                    upload.unlink(missing_ok=True)
+                self.artifacts.drop_upload(job.id)
                 return "cached"
-            if not upload.is_file():
-                raise FileNotFoundError("the uploaded ONNX is missing from the shared folder")
+            stage = "fetching the upload"
+            upload = self.artifacts.fetch_upload(job.id)
+            if upload is None:
+                raise FileNotFoundError("the uploaded ONNX is missing from the shared store")
+            stage = "build"
             output, artifact, build_s, benchmark = build_in_scratch(
                 backend, job, upload, self.artifacts.scratch(job.id), log,
                 self.build_delay_s, self._hidden)
             stage = "publishing the artifact"
-            published, sha, size = self.artifacts.publish(job.key, artifact, backend.artifact_suffix)
+            _, sha, size = self.artifacts.publish(job.key, artifact, backend.artifact_suffix)
+            published = True
             log(f"published artifact {job.key}{backend.artifact_suffix} ({size} bytes, sha256 {sha})")
             report = {"layers": output.layers, "benchmark": benchmark, "build": output.metadata, "parity": output.parity,
                       "build_time_s": round(build_s, 3), "kind": self.kind.to_dict(), "worker": self.id}
@@ -190,8 +193,7 @@ class BuildWorker:
                 _LOG.warning("build finished after its lease was lost; the artifact is recorded, the job was requeued",
                              extra=extra)
             _LOG.info("build succeeded in %.2f s", build_s, extra=extra)
-            with contextlib.suppress(OSError):
-                upload.unlink(missing_ok=True)
+            self.artifacts.drop_upload(job.id)
             return "built"
         except Exception as exc:
             from trtquant.service.pg_store import StoreUnavailable
@@ -199,16 +201,16 @@ class BuildWorker:
             if isinstance(exc, StoreUnavailable):
                 raise  # the database is down: the task retries; the lease decides who builds
             error = f"{stage} failed: {_describe_fault(exc, self._hidden)}"
-            if published is not None and not recorded:  # no row points at it (nor another build's): free the space
+            if published and not recorded:  # no row points at it (nor another build's): free the space
                 with contextlib.suppress(Exception):
                     if self.store.artifact(job.key) is None:
-                        published.unlink()
+                        self.artifacts.discard(job.key, backend.artifact_suffix)
             with contextlib.suppress(Exception):
                 log(f"{error}\n{_short_traceback(exc)}")
             _LOG.warning("build failed: %s", error, extra=extra)
             self.store.fail(job.id, error, log.text())
-            with contextlib.suppress(OSError):
-                upload.unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                self.artifacts.drop_upload(job.id)
             return "failed"
         finally:
             self.artifacts.remove_scratch(job.id)
@@ -223,11 +225,21 @@ def resolve_worker_args(args: argparse.Namespace) -> argparse.Namespace:
     args.shared_dir = args.shared_dir or env_value("TRTQUANT_SERVICE_SHARED_DIR")
     args.kind = args.kind or env_value(KIND_ENV)
     args.key_prefix = args.key_prefix or env_value("TRTQUANT_SERVICE_KEY_PREFIX")
+    args.artifact_url = args.artifact_url or env_value("TRTQUANT_SERVICE_ARTIFACT_URL")
     missing = [flag for flag, value in (("--database-url", args.database_url), ("--broker-url", args.broker_url),
-                                        ("--shared-dir", args.shared_dir)) if not value]
+                                        ("--shared-dir or --artifact-url", args.shared_dir or args.artifact_url))
+               if not value]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or $TRTQUANT_SERVICE_DATABASE_URL, "
-                         "$TRTQUANT_SERVICE_BROKER_URL, $TRTQUANT_SERVICE_SHARED_DIR)")
+                         "$TRTQUANT_SERVICE_BROKER_URL, $TRTQUANT_SERVICE_SHARED_DIR/$TRTQUANT_SERVICE_ARTIFACT_URL)")
+    if args.artifact_url:
+        from trtquant.service.object_store import parse_artifact_url
+
+        parse_artifact_url(args.artifact_url)  # ValueError naming the flag's problem
+        if not args.shared_dir:  # only scratch and downloaded uploads: node-local
+            import tempfile
+
+            args.shared_dir = tempfile.mkdtemp(prefix="trtquant-worker-")
     if args.lease_s <= 0:
         raise ValueError(f"--lease-s must be > 0, got {args.lease_s}")
     return args
@@ -238,7 +250,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", default=None, help="Postgres URL (or $TRTQUANT_SERVICE_DATABASE_URL)")
     parser.add_argument("--broker-url", default=None, help="Celery broker URL, redis://... (or $TRTQUANT_SERVICE_BROKER_URL)")
     parser.add_argument("--shared-dir", default=None,
-                        help="shared artifact folder, the same on every node (or $TRTQUANT_SERVICE_SHARED_DIR)")
+                        help="shared artifact folder, the same on every node (or $TRTQUANT_SERVICE_SHARED_DIR); "
+                             "with --artifact-url a local work folder (default: a temporary folder)")
+    parser.add_argument("--artifact-url", default=None,
+                        help="s3://bucket[/prefix]: artifacts and uploads in an S3-compatible object store instead "
+                             "of the shared folder (or $TRTQUANT_SERVICE_ARTIFACT_URL; endpoint and credentials "
+                             "from the standard AWS variables, e.g. $AWS_ENDPOINT_URL)")
     parser.add_argument("--kind", default=None, help=f"advertise this kind id instead of the detected one (or ${KIND_ENV})")
     parser.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default=None)
     parser.add_argument("--key-prefix", default=None, help="Redis key prefix of this deployment")
@@ -272,7 +289,8 @@ def run_worker(args: argparse.Namespace) -> int:
     from trtquant.settings import get_settings
 
     configure_logging(args.log_level, args.log_format)
-    artifacts = ArtifactStore(args.shared_dir, cache_max_bytes=None, cache_max_age_s=None)
+    artifacts = open_artifact_store(Path(args.shared_dir), args.artifact_url, cache_max_bytes=None,
+                                    cache_max_age_s=None)
     backend = select_backend(None if args.backend in (None, "auto") else args.backend, artifacts.timing)
     kind = detect_kind(backend, args.kind)
     store = PgJobStore(args.database_url, lease_s=args.lease_s, pool_size=2)
