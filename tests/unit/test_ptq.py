@@ -14,6 +14,7 @@ from trtquant.descriptor import QuantDescriptor
 from trtquant.functional import amax_to_scale
 from trtquant.ptq import adaround, bias_correction, equalize, smooth_quant
 from trtquant.ptq.bias_correction import float_mode
+from trtquant.ptq.equalize import ChannelCeiling
 
 PER_TENSOR = QuantConfig(input=QuantDescriptor(num_bits=8, calib_method="max"), weight=QuantDescriptor(num_bits=8))
 PER_CHANNEL_4BIT = QuantConfig(input=QuantDescriptor(num_bits=8, calib_method="max"),
@@ -89,6 +90,75 @@ def test_cle_relu6_skipped_exactly_or_replaced_by_relu():
     chains = equalize(m, absorb_bias=False, relu6="relu")
     assert isinstance(m[2], nn.ReLU) and len(chains) == 2
     torch.testing.assert_close(m(x), as_relu(x), rtol=0, atol=1e-5)
+
+
+def test_cle_relu6_clip_exact_with_per_channel_ceiling():
+    m = depthwise_net(act=nn.ReLU6)
+    x = torch.randn(4, 3, 12, 12) * 3
+    ref = m(x).detach()
+    assert float(m[:2](x).detach().max()) > 6  # the ReLU6 clips: a plain rescale would change the function
+    chains = equalize(m, absorb_bias=False, relu6="clip")
+    assert [(c.first, c.second, c.activation) for c in chains] == [("0", "3", "relu6"), ("3", "6", "relu")]
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+    ceiling = m[1]
+    assert isinstance(ceiling, ChannelCeiling) and isinstance(m[2], nn.ReLU6)
+    assert float(ceiling.bound.max()) <= 6.0 and float(ceiling.bound.min()) >= 6.0 / 16 - 1e-6  # s in [1, max_scale]
+    assert float(ceiling.bound.min()) < 6.0  # something was rescaled
+    # the pair is equalized up to one common factor (the factor that makes every s >= 1)
+    ratio = _r_out(m[0].weight) / _r_in(m[3])
+    assert float(ratio.max() / ratio.min()) < 1.01
+
+
+class SameConv2d(nn.Conv2d):
+    """TF-style "same" padding: a Conv2d subclass with its own forward (pad, then F.conv2d with its weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0,
+                                    self.dilation, self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardization: rescaling a filter changes nothing, so CLE must not touch it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_cle_sees_conv_subclasses_with_own_forward_and_refuses_nonlinear_ones():
+    torch.manual_seed(4)
+    g = torch.Generator().manual_seed(4)
+    m = nn.Sequential(SameConv2d(3, 8, 2), _bn(8, g), nn.ReLU(), SameConv2d(8, 8, 2, groups=8), _bn(8, g),
+                      nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    ref = m(x).detach()
+    chains = equalize(m, absorb_bias=False)
+    assert [(c.first, c.second) for c in chains] == [("0", "3"), ("3", "6")]  # leaves, not their F.conv2d calls
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+
+    m = nn.Sequential(StdConv2d(3, 8, 3), _bn(8, g), nn.ReLU(), nn.Conv2d(8, 4, 1), _bn(4, g)).eval()
+    ref = m(x).detach()
+    assert equalize(m) == []
+    assert isinstance(m[1], nn.BatchNorm2d) and isinstance(m[4], nn.BatchNorm2d)  # no chain: BatchNorms put back
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-6)
+
+
+def test_cle_leaves_dead_channels_and_bounds_the_scale():
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
+    with torch.no_grad():
+        m[0].weight[0].mul_(1e-7)  # dead: its output is its bias
+        m[0].weight[1].mul_(1e4)  # would need s = 100 to equalize
+    w0 = m[0].weight.detach().clone()
+    x = torch.randn(2, 3, 4, 4)
+    ref = m(x).detach()
+    equalize(m, max_scale=16.0)
+    s = w0.abs().reshape(6, -1).amax(1) / m[0].weight.detach().abs().reshape(6, -1).amax(1)
+    torch.testing.assert_close(s[0], torch.tensor(1.0))  # the dead channel is not scaled
+    assert float(s.max()) <= 16.0 + 1e-4 and float(s.min()) >= 1 / 16 - 1e-6
+    torch.testing.assert_close(s[1], torch.tensor(16.0))  # clamped at max_scale
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_high_bias_absorption_exact_above_three_sigma():
@@ -279,7 +349,7 @@ def test_adaround_time_budget_stops_every_layer():
     assert len(res) == 3 and all(r.iterations == 0 for r in res.values())
 
 
-@pytest.mark.parametrize("step", ["equalize", "smooth_quant", "bias_correction", "adaround"])
+@pytest.mark.parametrize("step", ["equalize", "equalize_relu6_clip", "smooth_quant", "bias_correction", "adaround"])
 def test_each_step_still_exports(step, tmp_path):
     from trtquant.export import check_onnx, export_onnx
     from trtquant.export.compare import compare
@@ -292,6 +362,10 @@ def test_each_step_still_exports(step, tmp_path):
         cfg = PER_TENSOR
     if step == "equalize":
         equalize(m)
+    if step == "equalize_relu6_clip":  # the ceiling exports as one Min per chain, between the conv and its ReLU6
+        m = depthwise_net(act=nn.ReLU6)
+        equalize(m, relu6="clip")
+        assert isinstance(m[1], ChannelCeiling)
     q = trtquant.quantize(m, cfg, placement=None if step == "smooth_quant" else "trt")
     if step == "smooth_quant":
         smooth_quant(q, data)

@@ -210,9 +210,13 @@ def trace_quantized(module: nn.Module) -> fx.Graph:
     return trace_recording(module)[0]
 
 
-def trace_recording(module: nn.Module) -> Tuple[fx.Graph, Dict[str, List[Optional[CallRecord]]]]:
-    """:func:`trace_quantized` plus the arguments each non-leaf submodule was called with."""
-    tracer = _QuantTracer()
+def trace_recording(module: nn.Module, tracer: Optional["_QuantTracer"] = None
+                    ) -> Tuple[fx.Graph, Dict[str, List[Optional[CallRecord]]]]:
+    """:func:`trace_quantized` plus the arguments each non-leaf submodule was called with.
+
+    ``tracer``: a :class:`_QuantTracer` subclass instance with more leaves (the PTQ steps keep float layers whole).
+    """
+    tracer = tracer if tracer is not None else _QuantTracer()
     forward = module.__dict__.get("forward")
     if forward is None or not hasattr(forward, "__func__"):
         return tracer.trace(module), tracer.calls

@@ -19,11 +19,20 @@ WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def trace(model: nn.Module) -> Optional[fx.Graph]:
-    """The model's fx graph, or None when torch.fx cannot trace it (data-dependent control flow)."""
-    from ..placement.fx_pass import trace_quantized
+    """The model's fx graph, or None when torch.fx cannot trace it (data-dependent control flow).
+
+    Conv/Linear layers are leaves even when they are subclasses with their own ``forward`` (TF-style "same"
+    padding: pad, then ``F.conv2d`` with the module's weight): the PTQ steps rescale modules, so they must see
+    the module, not the functional call inside it.
+    """
+    from ..placement.fx_pass import _QuantTracer, trace_recording
+
+    class _LayerTracer(_QuantTracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, WEIGHTED) or super().is_leaf_module(m, qualname)
 
     try:
-        return trace_quantized(model)
+        return trace_recording(model, _LayerTracer())[0]
     except Exception:  # torch.fx raises many types (TraceError, TypeError, AttributeError...)
         return None
 
