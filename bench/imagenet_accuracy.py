@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,16 +32,6 @@ from trtquant.config import QuantConfig  # noqa: E402
 from trtquant.descriptor import QuantDescriptor  # noqa: E402
 
 METHODS = (("max", {}), ("percentile 99.99", {"percentile": 99.99}), ("mse", {}), ("entropy", {}))
-
-
-def ort_logits(model: torch.nn.Module, x: torch.Tensor, path: Path) -> torch.Tensor:
-    from trtquant.export import export_onnx
-    from trtquant.export.compare import ort_session
-
-    export_onnx(model, x[:2], path, exporter="legacy", target="onnxruntime")
-    sess = ort_session(path, optimize=True, threads=2)
-    name = sess.get_inputs()[0].name
-    return torch.cat([torch.from_numpy(np.asarray(sess.run(None, {name: b.numpy()})[0])) for b in I.batches(x, 32)])
 
 
 def main() -> None:
@@ -79,7 +68,7 @@ def main() -> None:
                 best = (method, a.kl, copy.deepcopy(q))
     assert best is not None
     with tempfile.TemporaryDirectory() as d:
-        a = I.agreement(ref, ort_logits(best[2], ev, Path(d) / "effnet_int8.onnx"))
+        a = I.agreement(ref, I.ort_logits(best[2], ev, Path(d) / "effnet_int8.onnx"))
     payload["ort_int8_best_per_channel"] = {"method": best[0], **a.as_dict()}
     print(f"ONNX Runtime INT8 ({best[0]}): {I.describe(a)}")
     payload["seconds"] = round(time.perf_counter() - t0, 1)

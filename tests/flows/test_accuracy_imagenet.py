@@ -16,13 +16,7 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=str(_WHY))
 
 
 def test_per_channel_int8_within_rounding_noise(tmp_path):
-    import sys
-    from pathlib import Path
-
     import trtquant
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from imagenet_accuracy import ort_logits
 
     torch.manual_seed(0)
     fp = I.load_efficientnet_lite0()
@@ -34,7 +28,31 @@ def test_per_channel_int8_within_rounding_noise(tmp_path):
     trtquant.calibrate(q, I.batches(cal, 16), method="percentile", percentile=99.99, progress=False)
     fake = I.agreement(ref, I.logits(q, ev))
     noise = I.rounding_noise_reference(q, ev, ref)
-    ort = I.agreement(ref, ort_logits(q, ev, tmp_path / "effnet_int8.onnx"))
+    ort = I.agreement(ref, I.ort_logits(q, ev, tmp_path / "effnet_int8.onnx"))
     print(f"\nfake quant: {I.describe(fake)}\nrounding-noise reference: {I.describe(noise)}\nORT INT8: {I.describe(ort)}")
     assert fake.kl < noise.kl and fake.confident_top1 >= 0.9
     assert ort.kl < noise.kl and abs(ort.confident_top1 - fake.confident_top1) <= 0.1
+
+
+def test_after_a_qat_step_the_model_copies_and_its_weight_cache_holds_no_graph():
+    """Regression: after one grad-enabled step, a no-grad pass cached fake-quantized weights of the last layers
+    with a grad_fn (recorded under the subclass layers' TorchFunctionMode), so deepcopy - and export, which
+    copies the model - failed on a QAT'd EfficientNet-Lite0."""
+    import trtquant
+    from trtquant.qat import prepare_qat
+    from trtquant.states import set_state
+
+    fp = I.load_efficientnet_lite0()
+    x = I.random_crops(I.photos(), 1, seed=3)[:4]
+    q = trtquant.quantize(copy.deepcopy(fp))
+    trtquant.calibrate(q, [x], method="max", progress=False)
+    prepare_qat(q, learn_amax=True)
+    q(x[:2]).sum().backward()
+    q.eval()
+    set_state(q, "validate")
+    with torch.no_grad():
+        q(x[:1])
+    holding = [n for n, m in q.named_modules()
+               if m.__dict__.get("_wq_cache") is not None and m._wq_cache[1].grad_fn is not None]
+    assert not holding, holding
+    copy.deepcopy(q)

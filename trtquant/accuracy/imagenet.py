@@ -182,6 +182,17 @@ def split(per_image_eval: int = 50, per_image_calib: int = 8, eval_seed: int = 0
 
 
 
+def ort_logits(model: nn.Module, x: Tensor, path: "os.PathLike[str] | str", batch: int = 32) -> Tensor:
+    """Logits of ``model``'s ONNX Runtime INT8 graph (target ``onnxruntime``, ORT's own fusions on, 2 threads)."""
+    from ..export import export_onnx
+    from ..export.compare import ort_session
+
+    export_onnx(model, x[:2], path, exporter="legacy", target="onnxruntime")
+    sess = ort_session(path, optimize=True, threads=2)
+    name = sess.get_inputs()[0].name
+    return torch.cat([torch.from_numpy(np.asarray(sess.run(None, {name: b.numpy()})[0])) for b in batches(x, batch)])
+
+
 def batches(x: Tensor, size: int) -> List[Tensor]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 
@@ -192,5 +203,5 @@ def describe(a: Agreement, ref: Optional[Agreement] = None) -> str:
     return s + (f" (FP32+noise: KL {ref.kl:.4f}, confident {100 * ref.confident_top1:.1f} %)" if ref else "")
 
 
-__all__ = ["Agreement", "agreement", "batches", "describe", "load_efficientnet_lite0", "logits", "noise_reference", "photos", "rounding_noise_reference",
-           "random_crops", "split", "why_unavailable"]
+__all__ = ["Agreement", "agreement", "batches", "describe", "load_efficientnet_lite0", "logits", "noise_reference",
+           "ort_logits", "photos", "rounding_noise_reference", "random_crops", "split", "why_unavailable"]

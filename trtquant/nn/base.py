@@ -114,7 +114,9 @@ class QuantMixin(QuantInputMixin):
         cache = self.__dict__.get("_wq_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
-        out = wq(w)
+        # Grad is off here, yet a custom op called under a TorchFunctionMode (CallQuantMixin's) still records a
+        # grad_fn: detach, so the cache holds no graph (and deepcopy/export of the model keeps working).
+        out = wq(w).detach()
         self._wq_cache = (key, out)
         return out
 
