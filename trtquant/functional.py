@@ -221,6 +221,9 @@ class OutputBuffers:
         bucket = self._buckets.setdefault(key, [])
         buf = _count_refs(bucket, probe=False)
         if buf is not None:
+            if buf.requires_grad:  # a custom op's result once, so autograd gave it a grad_fn in place: drop the graph
+                i = next(i for i, b in enumerate(bucket) if b is buf)
+                buf = bucket[i] = buf.detach()
             return buf
         if len(bucket) >= self.per_shape or self._bytes + nbytes > self.max_bytes:
             return None

@@ -36,8 +36,8 @@ def test_per_channel_int8_within_rounding_noise(tmp_path):
 
 def test_after_a_qat_step_the_model_copies_and_its_weight_cache_holds_no_graph():
     """Regression: after one grad-enabled step, a no-grad pass cached fake-quantized weights of the last layers
-    with a grad_fn (recorded under the subclass layers' TorchFunctionMode), so deepcopy - and export, which
-    copies the model - failed on a QAT'd EfficientNet-Lite0."""
+    with a grad_fn (a pooled output buffer handed out again with the graph autograd had attached to it), so
+    deepcopy - and export, which copies the model - failed on a QAT'd EfficientNet-Lite0."""
     import trtquant
     from trtquant.qat import prepare_qat
     from trtquant.states import set_state

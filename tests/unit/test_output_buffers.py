@@ -68,6 +68,25 @@ def test_a_result_saved_by_autograd_is_not_reused():
     assert torch.equal(w.grad, _expected(_x(1), 4.0).sum((0, 1, 2)))
 
 
+def test_a_buffer_once_returned_through_autograd_comes_back_without_a_graph():
+    # The custom op's implementation runs below autograd (grad looks off there), so a training-step result can be
+    # a pooled buffer that autograd then gives a grad_fn in place; handed out again under no_grad it must not
+    # carry that graph (it made cached weights un-copyable and .numpy() fail, depending on pool order).
+    amax = torch.tensor(4.0)
+    x = _x(0).requires_grad_(True)
+    y = fake_quant(x, amax)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    ptr = y.data_ptr()
+    del y
+    with torch.no_grad():
+        z = fake_quant(_x(1), amax)
+    assert not z.requires_grad and z.grad_fn is None
+    assert z.data_ptr() == ptr  # still the pooled storage
+    assert torch.equal(z, _expected(_x(1), 4.0))
+    z.numpy()
+
+
 def test_ste_gradients_reuse_buffers_and_stay_exact():
     amax = torch.tensor(2.0)
     grads = []

@@ -114,8 +114,8 @@ class QuantMixin(QuantInputMixin):
         cache = self.__dict__.get("_wq_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
-        # Grad is off here, yet a custom op called under a TorchFunctionMode (CallQuantMixin's) still records a
-        # grad_fn: detach, so the cache holds no graph (and deepcopy/export of the model keeps working).
+        # Grad is off here; detach anyway, so the cache can never hold an autograd graph (a pooled output buffer
+        # once carried a stale grad_fn - fixed in functional.OutputBuffers - and deepcopy/export refused it).
         out = wq(w).detach()
         self._wq_cache = (key, out)
         return out
