@@ -26,6 +26,16 @@ def resnet50_parser(doc: str, out: str, **extra: int) -> argparse.ArgumentParser
     return ap
 
 
+def imagenet_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The arguments every EfficientNet-Lite0-on-photos benchmark takes (add its own before parse_args)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--eval-per-photo", type=int, default=50)
+    ap.add_argument("--calib-per-photo", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=out)
+    return ap
+
+
 def setup(args: argparse.Namespace) -> Tuple[torch.device, Callable[[], None]]:
     """Threads and seed as asked; (device, a sync that waits for CUDA work or does nothing)."""
     torch.set_num_threads(args.threads)

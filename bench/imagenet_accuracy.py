@@ -11,7 +11,6 @@ every quantizer (INT8 rounding without clipping) - and the best per-channel conf
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -35,12 +34,7 @@ METHODS = (("max", {}), ("percentile 99.99", {"percentile": 99.99}), ("mse", {})
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--eval-per-photo", type=int, default=50)
-    ap.add_argument("--calib-per-photo", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/imagenet.json")
-    args = ap.parse_args()
+    args = _common.imagenet_parser(__doc__, "results/imagenet.json").parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -18,7 +18,6 @@ photos that calibration, AdaRound and QAT never saw.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -119,17 +118,13 @@ def run_row(fp: torch.nn.Module, weights: str, steps: Tuple[str, ...], cal: torc
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--eval-per-photo", type=int, default=50)
-    ap.add_argument("--calib-per-photo", type=int, default=8)
+    ap = _common.imagenet_parser(__doc__, "results/imagenet_ptq.json")
     ap.add_argument("--qat-per-photo", type=int, default=32, help="crops per photo for QAT (another seed)")
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--rows", default=None, help="comma-separated row numbers to run (default: all)")
     ap.add_argument("--holdout", default=None,
                     help="comma-separated photo names: evaluate only on crops of these photos and calibrate/train "
                          "only on the others (learned steps cannot fit the evaluation photos' content)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/imagenet_ptq.json")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)

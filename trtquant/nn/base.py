@@ -114,9 +114,7 @@ class QuantMixin(QuantInputMixin):
         cache = self.__dict__.get("_wq_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
-        # Grad is off here; detach anyway, so the cache can never hold an autograd graph (a pooled output buffer
-        # once carried a stale grad_fn - fixed in functional.OutputBuffers - and deepcopy/export refused it).
-        out = wq(w).detach()
+        out = wq(w)
         self._wq_cache = (key, out)
         return out
 
