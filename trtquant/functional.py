@@ -52,13 +52,29 @@ def quant_bounds(num_bits: int = 8, unsigned: bool = False, narrow_range: bool =
 def amax_to_scale(amax: Tensor, bound: int) -> Tensor:
     """float32 scale = amax / bound; amax 0 (a dead channel) gets scale 1.0, as TensorRT exporters do."""
     amax32 = amax.detach().to(torch.float32)
-    scale = amax32 / bound
+    # A 0-d tensor on amax's own device, not the Python int: CUDA divides by a CPU scalar as a multiplication by
+    # its reciprocal, 1 ulp off for some amax, and every tie of x / scale then rounds to another code.
+    scale = amax32 / torch.full((), bound, dtype=torch.float32, device=amax32.device)
     return torch.where(amax32 > 0, scale, torch.ones_like(scale))
+
+
+def _true_div(x: Tensor, scale: Tensor) -> Tensor:
+    """``x / scale`` correctly rounded in float32 on every backend.
+
+    Triton, which inductor compiles CUDA kernels to, lowers a float32 ``/`` to ``div.full.f32`` (up to 2 ulp off;
+    triton-lang/triton#10661): quotients that should be exact ties moved, and 3 % of a 10M-value test tensor
+    rounded to another INT8 code than ONNX Runtime's on an H200. On CUDA the division runs in float64 instead:
+    rounding that quotient to float32 gives the correctly rounded float32 quotient (double rounding is
+    innocuous for division when the wider format has at least 2p + 2 bits, 53 >= 2 * 24 + 2).
+    """
+    if x.is_cuda and x.dtype == torch.float32:
+        return (x.double() / scale.double()).float()
+    return x / scale
 
 
 def _qdq_reference(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     """The definition, one op at a time: round(x / scale) saturated, times scale, with +0.0 for code 0."""
-    q = torch.round(x / scale).clamp(qmin, qmax)
+    q = torch.round(_true_div(x, scale)).clamp(qmin, qmax)
     # Code 0 dequantizes to +0.0 in ONNX Runtime/TensorRT (an integer has no signed zero), never -0.0.
     return torch.where(q == 0, torch.zeros_like(q), q * scale)
 
