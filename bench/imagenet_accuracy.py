@@ -3,8 +3,9 @@ random crops of the photos bundled with scikit-image, scikit-learn and matplotli
 
 Per configuration (per-channel vs per-tensor weights, each calibration method): top-1 agreement with FP32 on all
 crops and on the confident ones (FP32 top-1 probability >= 0.5), top-5 overlap, KL(FP32 || INT8), beside two
-references - the FP32 model under input noise of half an input step, and under half a step of rounding noise at
-every quantizer (INT8 rounding without clipping) - and the best per-channel configuration in ONNX Runtime INT8.
+references - the FP32 model under input noise of one input step (the acceptance reference) and of half a step (the
+input's own rounding error), and under half a step of rounding noise at every quantizer (INT8 rounding without
+clipping) - and the best per-channel configuration in ONNX Runtime INT8.
 
     python bench/imagenet_accuracy.py [--eval-per-photo 50] [--calib-per-photo 8] [--out results/imagenet.json]
 """
@@ -43,8 +44,7 @@ def main() -> None:
     ref = I.logits(fp, ev)
     payload: Dict[str, Any] = {"machine": _common.machine(), "model": "EfficientNet-Lite0 (ImageNet)",
                                "photos": sorted(I.photos()), "eval_crops": len(ev), "calib_crops": len(cal),
-                               "input_noise_reference": I.noise_reference(fp, ev, ref, float(cal.abs().max())).as_dict(),
-                               "configs": {}}
+                               **I.references(fp, ev, ref, cal), "configs": {}}
     best = None
     for label, wdesc in (("per-channel", None), ("per-tensor", QuantDescriptor(num_bits=8, axis=None))):
         q = copy.deepcopy(fp)

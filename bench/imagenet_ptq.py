@@ -147,8 +147,9 @@ def main() -> None:
     payload: Dict[str, Any] = {"machine": _common.machine(), "model": "EfficientNet-Lite0 (ImageNet)",
                                "eval_crops": len(ev), "calib_crops": len(cal), "qat_crops": len(qat_crops),
                                "holdout_photos": args.holdout.split(",") if args.holdout else None,
-                               "input_noise_reference": I.noise_reference(fp, ev, ref, float(cal.abs().max())).as_dict(),
-                               "rows": []}
+                               **I.references(fp, ev, ref, cal), "rows": []}
+    print(f"references: one input step KL {payload['input_noise_reference']['kl']:.4f}, half a step (the input's "
+          f"rounding) KL {payload['input_rounding_reference']['kl']:.4f}", flush=True)
     wanted: Optional[set] = {int(r) for r in args.rows.split(",")} if args.rows else None
     for i, (weights, steps) in enumerate(ROWS):
         if wanted is not None and i not in wanted:
@@ -160,6 +161,9 @@ def main() -> None:
         if not weights.startswith("4-bit"):  # ONNX Runtime's INT8 graph holds 8-bit weights only
             with tempfile.TemporaryDirectory() as d:
                 row["onnxruntime_int8"] = I.agreement(ref, I.ort_logits(m, ev, Path(d) / "m.onnx")).as_dict()
+        if "input_only" not in payload and not weights.startswith("4-bit"):
+            payload["input_only"] = I.input_only(m, ev, ref).as_dict()
+            print(f"input quantizer alone: KL {payload['input_only']['kl']:.4f}", flush=True)
         payload["rows"].append(row)
         ort = row.get("onnxruntime_int8")
         print(f"{i:2d} {label:55s} fake KL {fake.kl:.4f} conf {100 * fake.confident_top1:.1f}%"

@@ -56,3 +56,22 @@ def test_after_a_qat_step_the_model_copies_and_its_weight_cache_holds_no_graph()
                if m.__dict__.get("_wq_cache") is not None and m._wq_cache[1].grad_fn is not None]
     assert not holding, holding
     copy.deepcopy(q)
+
+
+def test_input_noise_references_bracket_the_cost_of_quantizing_the_input():
+    """Half an input step of noise is exactly the input's rounding error, a stricter floor than the acceptance
+    reference (one step); quantizing only the input costs less than either (rounding lands nearer the pixel grid
+    than uniform noise does)."""
+    import trtquant
+
+    fp = I.load_efficientnet_lite0()
+    ev, cal = I.split(per_image_eval=6, per_image_calib=2)
+    ref = I.logits(fp, ev)
+    refs = I.references(fp, ev, ref, cal)
+    one, half = refs["input_noise_reference"]["kl"], refs["input_rounding_reference"]["kl"]
+    q = trtquant.quantize(copy.deepcopy(fp))
+    trtquant.calibrate(q, I.batches(cal, 16), method="percentile", percentile=99.99, progress=False)
+    alone = I.input_only(q, ev, ref)
+    print(f"\none step KL {one:.4f}, half a step KL {half:.4f}, input quantizer alone KL {alone.kl:.4f}")
+    assert 0 < alone.kl < half < one
+    assert one > 3 * half  # noise grows the KL faster than its variance: far from a rounding-sized floor

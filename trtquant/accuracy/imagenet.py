@@ -13,7 +13,8 @@ evaluation set and, from another seed, a disjoint calibration set.
 There are no labels: INT8 is judged against FP32 on the same crops - top-1 agreement, top-5 overlap,
 KL(FP32 || INT8) - and, because agreement on random crops is dominated by ambiguous crops, also on the
 *confident* crops (FP32 top-1 probability >= 0.5), beside the FP32 model's own agreement under input noise of
-one rounding step of the input quantizer (the FP32-plus-noise reference).
+one INT8 step of the input quantizer (the FP32-plus-noise reference; half a step, the input's own rounding
+error, is reported as a stricter floor).
 """
 
 from __future__ import annotations
@@ -137,13 +138,46 @@ def agreement(ref: Tensor, other: Tensor, confident_p: float = 0.5) -> Agreement
 
 
 def noise_reference(model: nn.Module, x: Tensor, ref: Tensor, input_amax: float, num_bits: int = 8,
-                    seed: int = 0) -> Agreement:
-    """FP32 against itself under uniform input noise of +-1/2 step of an INT8 input quantizer with ``input_amax``
-    (exactly the rounding error quantizing the input makes): the floor under which INT8 cannot be told apart."""
+                    seed: int = 0, steps: float = 1.0) -> Agreement:
+    """FP32 against itself under uniform input noise of +-``steps`` steps of an INT8 input quantizer with
+    ``input_amax``.
+
+    ``steps=1`` is the acceptance reference ("one INT8 step of input noise"): FP32 lands at about the top-1
+    agreement of INT8 itself there. ``steps=0.5`` is exactly the error that rounding the input makes, a stricter
+    floor: quantizing only the input already costs about half of it (:func:`input_only`).
+    """
     step = input_amax / (2 ** (num_bits - 1) - 1)
     g = torch.Generator().manual_seed(seed)
-    noisy = x + (torch.rand(x.shape, generator=g) - 0.5) * step
+    noisy = x + (torch.rand(x.shape, generator=g) * 2 - 1) * (steps * step)
     return agreement(ref, logits(model, noisy))
+
+
+def references(model: nn.Module, x: Tensor, ref: Tensor, calib: Tensor) -> Dict[str, Dict[str, float]]:
+    """The two input-noise references as dicts: one INT8 step (``input_noise_reference``, the acceptance one) and half
+    a step (``input_rounding_reference``), for an input quantizer calibrated to ``calib``'s largest magnitude."""
+    amax = float(calib.abs().max())
+    return {"input_noise_reference": noise_reference(model, x, ref, amax, steps=1.0).as_dict(),
+            "input_rounding_reference": noise_reference(model, x, ref, amax, steps=0.5).as_dict()}
+
+
+def input_only(qmodel: nn.Module, x: Tensor, ref: Tensor) -> Agreement:
+    """``qmodel`` with only its first enabled input quantizer on: what quantizing the network input alone costs,
+    the floor under any configuration that feeds the first layer INT8."""
+    import copy
+
+    from ..quantizer import TensorQuantizer
+
+    model = copy.deepcopy(qmodel)
+    first = next((n for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled
+                  and n.endswith("input_quantizer")), None)
+    if first is None:
+        raise ValueError("input_only: the model has no enabled input quantizer")
+    for n, m in model.named_modules():
+        if hasattr(m, "_wq_cache"):
+            m._wq_cache = None
+        if isinstance(m, TensorQuantizer) and n != first:
+            m.disable()
+    return agreement(ref, logits(model, x))
 
 
 def rounding_noise_reference(qmodel: nn.Module, x: Tensor, ref: Tensor, seed: int = 0) -> Agreement:
@@ -179,9 +213,6 @@ def split(per_image_eval: int = 50, per_image_calib: int = 8, eval_seed: int = 0
     return random_crops(ims, per_image_eval, eval_seed), random_crops(ims, per_image_calib, calib_seed)
 
 
-
-
-
 def ort_logits(model: nn.Module, x: Tensor, path: "os.PathLike[str] | str", batch: int = 32) -> Tensor:
     """Logits of ``model``'s ONNX Runtime INT8 graph (target ``onnxruntime``, ORT's own fusions on, 2 threads)."""
     from ..export import export_onnx
@@ -203,5 +234,6 @@ def describe(a: Agreement, ref: Optional[Agreement] = None) -> str:
     return s + (f" (FP32+noise: KL {ref.kl:.4f}, confident {100 * ref.confident_top1:.1f} %)" if ref else "")
 
 
-__all__ = ["Agreement", "agreement", "batches", "describe", "load_efficientnet_lite0", "logits", "noise_reference",
-           "ort_logits", "photos", "rounding_noise_reference", "random_crops", "split", "why_unavailable"]
+__all__ = ["Agreement", "agreement", "batches", "describe", "input_only", "load_efficientnet_lite0", "logits",
+           "noise_reference", "ort_logits", "photos", "references", "rounding_noise_reference", "random_crops", "split",
+           "why_unavailable"]
