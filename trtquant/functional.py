@@ -52,9 +52,11 @@ def quant_bounds(num_bits: int = 8, unsigned: bool = False, narrow_range: bool =
 def amax_to_scale(amax: Tensor, bound: int) -> Tensor:
     """float32 scale = amax / bound; amax 0 (a dead channel) gets scale 1.0, as TensorRT exporters do."""
     amax32 = amax.detach().to(torch.float32)
-    # A 0-d tensor on amax's own device, not the Python int: CUDA divides by a CPU scalar as a multiplication by
-    # its reciprocal, 1 ulp off for some amax, and every tie of x / scale then rounds to another code.
-    scale = amax32 / torch.full((), bound, dtype=torch.float32, device=amax32.device)
+    if amax32.is_cpu:
+        scale = amax32 / bound
+    else:  # CUDA divides by a Python scalar as a multiplication by its reciprocal, 1 ulp off for some amax (and every
+        # tie of x / scale then rounds to another code): divide by a 0-d tensor on amax's own device instead.
+        scale = amax32 / torch.full((), bound, dtype=torch.float32, device=amax32.device)
     return torch.where(amax32 > 0, scale, torch.ones_like(scale))
 
 

@@ -160,21 +160,29 @@ def references(model: nn.Module, x: Tensor, ref: Tensor, calib: Tensor) -> Dict[
             "input_rounding_reference": noise_reference(model, x, ref, amax, steps=0.5).as_dict()}
 
 
+def _fresh_copy(qmodel: nn.Module) -> nn.Module:
+    """A deep copy of ``qmodel`` whose layers hold no cached fake-quantized weights, so quantizers edited on the copy
+    take effect."""
+    import copy
+
+    model = copy.deepcopy(qmodel)
+    for m in model.modules():
+        if hasattr(m, "_wq_cache"):
+            m._wq_cache = None
+    return model
+
+
 def input_only(qmodel: nn.Module, x: Tensor, ref: Tensor) -> Agreement:
     """``qmodel`` with only its first enabled input quantizer on: what quantizing the network input alone costs,
     the floor under any configuration that feeds the first layer INT8."""
-    import copy
-
     from ..quantizer import TensorQuantizer
 
-    model = copy.deepcopy(qmodel)
+    model = _fresh_copy(qmodel)
     first = next((n for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled
                   and n.endswith("input_quantizer")), None)
     if first is None:
         raise ValueError("input_only: the model has no enabled input quantizer")
     for n, m in model.named_modules():
-        if hasattr(m, "_wq_cache"):
-            m._wq_cache = None
         if isinstance(m, TensorQuantizer) and n != first:
             m.disable()
     return agreement(ref, logits(model, x))
@@ -185,15 +193,11 @@ def rounding_noise_reference(qmodel: nn.Module, x: Tensor, ref: Tensor, seed: in
     uniform noise of +-1/2 step of that quantizer's grid in place of quantization - INT8's rounding error without
     its clipping. An INT8 model whose KL is below this reference loses nothing to its amax choices beyond the
     rounding any INT8 grid of that scale makes."""
-    import copy
-
     from ..quantizer import TensorQuantizer
 
-    model = copy.deepcopy(qmodel)
+    model = _fresh_copy(qmodel)
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if hasattr(m, "_wq_cache"):
-            m._wq_cache = None
         if not isinstance(m, TensorQuantizer) or not m.is_enabled or m.amax is None or getattr(m, "ort_only", False):
             continue
         bits = m.num_bits if isinstance(m.num_bits, int) else 8
