@@ -22,6 +22,17 @@ KL 0.69 before any quantization, so prefer "clip").
 
 Convs whose BatchNorm was folded but that start no equalized chain get their BatchNorm back: folding alone
 widens the spread of per-channel ranges a per-tensor weight quantizer sees.
+
+``batchnorm="keep"`` equalizes every conv against the BatchNorm it feeds instead of folding it: output channel
+``i`` is divided by ``s_i = r_i / max(r)`` and the BatchNorm takes ``s_i`` back exactly (its running mean divided
+by ``s_i``, its gamma multiplied by it; the variance and eps are untouched, so FP32 is unchanged to rounding). Every
+weight row then spans the same range and a per-tensor weight quantizer loses no channel. The exported TensorRT
+graph is the same Q/DQ Conv -> BatchNorm graph; TensorRT fuses the BatchNorm into the quantized conv after the
+weight Q/DQ, keeping the unfused execution order (TensorRT developer guide, Q/DQ layer-placement recommendations:
+BN folding need not be simulated), so in the engine the per-tensor weight scale times the BatchNorm gain becomes a per-output-channel
+scale - this is what per-tensor weights cost least with, not a new kernel. Chains without a BatchNorm still get
+classic CLE. The BatchNorm's running statistics no longer describe the conv's raw output: train mode (QAT) would
+renormalize them, so run it before calibration and export, not before training.
 """
 
 from __future__ import annotations
@@ -266,6 +277,34 @@ def _equalize_pair(first: Any, second: Any, at_least_one: bool = False, total: O
     return s
 
 
+@torch.no_grad()
+def _normalize_into_batchnorm(model: nn.Module, graph: fx.Graph) -> List[Chain]:
+    """Divide each output channel of every Conv/Linear that feeds only an affine BatchNorm by ``r_i / max(r)``
+    and let the BatchNorm multiply it back (running_mean / s, gamma * s): exact, eps included."""
+    counts = call_counts(graph)
+    pairs: List[Chain] = []
+    for node in graph.nodes:
+        bn: Any = module_of(model, node)
+        if not isinstance(bn, _BN) or not bn.affine or not bn.track_running_stats or bn.running_mean is None:
+            continue
+        src = node.args[0] if node.args else None
+        conv: Any = module_of(model, src) if isinstance(src, fx.Node) else None
+        if not isinstance(src, fx.Node) or not isinstance(conv, WEIGHTED) or len(src.users) != 1 \
+                or counts[str(src.target)] != 1 or counts[str(node.target)] != 1 or not _scales_linearly(conv) \
+                or _out_channels(conv) != bn.num_features:
+            continue
+        w = conv.weight
+        r = w.detach().abs().reshape(w.shape[0], -1).amax(1).double()
+        live = r > DEAD * r.max()  # a dead row stays as it is (s = 1): its output is its bias
+        s = torch.where(live, r / r.max(), torch.ones_like(r))
+        _scale_out_(conv, (1.0 / s).to(w.dtype))
+        rm = bn.running_mean
+        rm.copy_((rm.double() / s).to(rm.dtype))
+        bn.weight.copy_((bn.weight.double() * s).to(bn.weight.dtype))
+        pairs.append(Chain(str(src.target), str(node.target), None))
+    return pairs
+
+
 def _absorb_high_bias(first: Any, second: Any, beta: Tensor, gamma: Tensor) -> Tensor:
     """Section 4.1: move c = max(0, beta - 3 gamma) of conv1's bias through the ReLU into conv2's bias.
 
@@ -290,7 +329,7 @@ def _absorb_high_bias(first: Any, second: Any, beta: Tensor, gamma: Tensor) -> T
 
 @torch.no_grad()
 def equalize(model: nn.Module, iterations: int = 20, tol: float = 1e-6, absorb_bias: bool = True,
-             relu6: str = "skip", max_scale: float = 16.0) -> List[Chain]:
+             relu6: str = "skip", max_scale: float = 16.0, batchnorm: str = "keep") -> List[Chain]:
     """Cross-layer equalization of every Conv/Linear -> [BN] -> ReLU/ReLU6 -> Conv/Linear chain, in place.
 
     Args:
@@ -304,11 +343,17 @@ def equalize(model: nn.Module, iterations: int = 20, tol: float = 1e-6, absorb_b
             with every scale >= 1 and a per-channel ceiling 6 / s (:class:`ChannelCeiling`, one ``Min`` per chain
             in the exported graph) where the folded BatchNorm was; ``"relu"`` replaces their ReLU6 by ReLU (the
             paper's MobileNetV2 recipe; changes the function wherever an activation exceeded 6).
+        batchnorm: ``"fold"`` (the paper) folds each BatchNorm into its conv and equalizes conv against conv;
+            ``"keep"`` leaves the BatchNorms in the graph and equalizes each conv against its BatchNorm (every
+            weight row to the same range; what per-tensor weights need on BatchNorm models - see the module
+            docstring). With "keep", ``relu6`` and ``absorb_bias`` concern only the chains without a BatchNorm.
 
-    Returns the chains that were equalized.
+    Returns the chains that were equalized (with "keep", a conv->BatchNorm pair is a chain with no activation).
     """
     if relu6 not in ("skip", "relu", "clip"):
         raise ValueError(f"relu6 must be 'skip', 'clip' or 'relu', got {relu6!r}")
+    if batchnorm not in ("fold", "keep"):
+        raise ValueError(f"batchnorm must be 'fold' or 'keep', got {batchnorm!r}")
     if model.training:
         raise ValueError(f"equalize folds BatchNorm running statistics: call {type(model).__name__}.eval() first")
     require_uncalibrated(model, "equalize")
@@ -316,9 +361,13 @@ def equalize(model: nn.Module, iterations: int = 20, tol: float = 1e-6, absorb_b
     if graph is None:
         raise ValueError(f"equalize: torch.fx cannot trace {type(model).__name__}, so its Conv->ReLU->Conv chains are "
                          "unknown; make the forward traceable (no data-dependent control flow)")
-    bn_stats, folded = _fold_batchnorm(model, graph)
-    graph = trace(model)
-    assert graph is not None  # traced once already; folding only swapped leaves
+    if batchnorm == "keep":
+        bn_stats: Dict[str, Tuple[Tensor, Tensor]] = {}
+        folded: Dict[str, _Folded] = {}
+    else:
+        bn_stats, folded = _fold_batchnorm(model, graph)
+        graph = trace(model)
+        assert graph is not None  # traced once already; folding only swapped leaves
     chains = find_chains(model, graph)
     relu6_chains = [c for c in chains if c.activation == "relu6"]
     if relu6 == "skip" and relu6_chains:
@@ -366,6 +415,8 @@ def equalize(model: nn.Module, iterations: int = 20, tol: float = 1e-6, absorb_b
             if c.activation == "relu" and c.first in bn_stats and model.get_submodule(c.first).bias is not None:
                 beta, gamma = bn_stats[c.first]
                 _absorb_high_bias(model.get_submodule(c.first), model.get_submodule(c.second), beta, gamma)
+    if batchnorm == "keep":  # last: a conv that is also the second layer of a chain above has its final columns
+        chains = _normalize_into_batchnorm(model, graph) + chains
     return chains
 
 
