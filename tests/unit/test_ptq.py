@@ -53,7 +53,7 @@ def test_cle_keeps_fp32_function_and_equalizes_depthwise_chain():
     m = depthwise_net()
     x = torch.randn(4, 3, 12, 12)
     ref = m(x).detach()
-    chains = equalize(m, absorb_bias=False)
+    chains = equalize(m, batchnorm="fold", absorb_bias=False)
     assert [(c.first, c.second) for c in chains] == [("0", "3"), ("3", "6")]
     assert isinstance(m[1], nn.Identity) and isinstance(m[4], nn.Identity)  # BN folded first
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
@@ -79,7 +79,7 @@ def test_cle_relu6_skipped_exactly_or_replaced_by_relu():
     m = depthwise_net(act=nn.ReLU6)
     x = torch.randn(4, 3, 12, 12) * 3
     ref = m(x).detach()
-    chains = equalize(m, absorb_bias=False)  # relu6="skip": relu6(x/s) != relu6(x)/s, so 0->3 is left alone
+    chains = equalize(m, batchnorm="fold", absorb_bias=False)  # relu6="skip": relu6(x/s) != relu6(x)/s, so 0->3 is left alone
     assert [(c.first, c.second) for c in chains] == [("3", "6")]
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
 
@@ -87,7 +87,7 @@ def test_cle_relu6_skipped_exactly_or_replaced_by_relu():
     as_relu = copy.deepcopy(m)
     as_relu[2] = nn.ReLU()
     assert (as_relu(x) - ref).abs().max() > 1e-2  # activations above 6 exist: replacing changes the function
-    chains = equalize(m, absorb_bias=False, relu6="relu")
+    chains = equalize(m, batchnorm="fold", absorb_bias=False, relu6="relu")
     assert isinstance(m[2], nn.ReLU) and len(chains) == 2
     torch.testing.assert_close(m(x), as_relu(x), rtol=0, atol=1e-5)
 
@@ -97,7 +97,7 @@ def test_cle_relu6_clip_exact_with_per_channel_ceiling():
     x = torch.randn(4, 3, 12, 12) * 3
     ref = m(x).detach()
     assert float(m[:2](x).detach().max()) > 6  # the ReLU6 clips: a plain rescale would change the function
-    chains = equalize(m, absorb_bias=False, relu6="clip")
+    chains = equalize(m, batchnorm="fold", absorb_bias=False, relu6="clip")
     assert [(c.first, c.second, c.activation) for c in chains] == [("0", "3", "relu6"), ("3", "6", "relu")]
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
     ceiling = m[1]
@@ -107,6 +107,38 @@ def test_cle_relu6_clip_exact_with_per_channel_ceiling():
     # the pair is equalized up to one common factor (the factor that makes every s >= 1)
     ratio = _r_out(m[0].weight) / _r_in(m[3])
     assert float(ratio.max() / ratio.min()) < 1.01
+
+
+def _weight_only(conv_weight: "QuantDescriptor | None") -> QuantConfig:
+    """Weights only (input quantizers off); the last 1x1 conv (no BatchNorm) per channel in every variant."""
+    return QuantConfig(weight=conv_weight, overrides={"*": {"input": None},
+                                                      "6": {"input": None, "weight": QuantDescriptor(num_bits=8, axis=(0,))}})
+
+
+def test_cle_keep_batchnorm_gives_per_tensor_weights_the_per_channel_result():
+    m = depthwise_net(act=nn.ReLU6)
+    x = torch.randn(4, 3, 12, 12) * 3
+    calib = [x]
+    ref = m(x).detach()
+    per_channel = trtquant.quantize(copy.deepcopy(m), _weight_only(None), placement=None)
+    trtquant.calibrate(per_channel, calib, method="max", progress=False)
+    plain = trtquant.quantize(copy.deepcopy(m), _weight_only(QuantDescriptor(num_bits=8)), placement=None)
+    trtquant.calibrate(plain, calib, method="max", progress=False)
+
+    chains = equalize(m, batchnorm="keep")
+    assert [(c.first, c.second, c.activation) for c in chains] == [("0", "1", None), ("3", "4", None)]
+    assert isinstance(m[1], nn.BatchNorm2d) and isinstance(m[4], nn.BatchNorm2d)  # kept, not folded
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+    for i in (0, 3):  # every weight row now spans its layer's full range
+        r = _r_out(m[i].weight)
+        torch.testing.assert_close(r, r.max().expand_as(r), rtol=1e-6, atol=0)
+    per_tensor = trtquant.quantize(m, _weight_only(QuantDescriptor(num_bits=8)), placement=None)
+    trtquant.calibrate(per_tensor, calib, method="max", progress=False)
+    with torch.no_grad():
+        err_plain = float((plain(x) - per_channel(x)).abs().max())
+        # the same INT8 codes as per-channel weights; the BatchNorm multiplies the scale back per channel
+        torch.testing.assert_close(per_tensor(x), per_channel(x), rtol=0, atol=1e-5)
+    assert err_plain > 1e-3, err_plain  # plain per-tensor weights do differ: the check above can fail
 
 
 class SameConv2d(nn.Conv2d):
@@ -133,15 +165,19 @@ def test_cle_sees_conv_subclasses_with_own_forward_and_refuses_nonlinear_ones():
                       nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(2, 3, 10, 10)
     ref = m(x).detach()
-    chains = equalize(m, absorb_bias=False)
+    chains = equalize(m, batchnorm="fold", absorb_bias=False)
     assert [(c.first, c.second) for c in chains] == [("0", "3"), ("3", "6")]  # leaves, not their F.conv2d calls
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
 
     m = nn.Sequential(StdConv2d(3, 8, 3), _bn(8, g), nn.ReLU(), nn.Conv2d(8, 4, 1), _bn(4, g)).eval()
     ref = m(x).detach()
-    assert equalize(m) == []
+    keep = copy.deepcopy(m)
+    assert equalize(m, batchnorm="fold") == []
     assert isinstance(m[1], nn.BatchNorm2d) and isinstance(m[4], nn.BatchNorm2d)  # no chain: BatchNorms put back
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-6)
+    # batchnorm="keep" rescales the plain conv into its BatchNorm and leaves the standardized one alone
+    assert [(c.first, c.second) for c in equalize(keep)] == [("3", "4")]
+    torch.testing.assert_close(keep(x), ref, rtol=0, atol=1e-5)
 
 
 def test_cle_leaves_dead_channels_and_bounds_the_scale():
@@ -153,7 +189,7 @@ def test_cle_leaves_dead_channels_and_bounds_the_scale():
     w0 = m[0].weight.detach().clone()
     x = torch.randn(2, 3, 4, 4)
     ref = m(x).detach()
-    equalize(m, max_scale=16.0)
+    equalize(m, batchnorm="fold", max_scale=16.0)
     s = w0.abs().reshape(6, -1).amax(1) / m[0].weight.detach().abs().reshape(6, -1).amax(1)
     torch.testing.assert_close(s[0], torch.tensor(1.0))  # the dead channel is not scaled
     assert float(s.max()) <= 16.0 + 1e-4 and float(s.min()) >= 1 / 16 - 1e-6
@@ -172,8 +208,8 @@ def test_high_bias_absorption_exact_above_three_sigma():
     folded = 10.0 + m[0].bias.detach().clone()  # BN folded: beta + conv bias (mean 0, var 1, gamma 1)
     x = torch.randn(2, 3, 8, 8)
     ref = m(x).detach()
-    equalize(m, absorb_bias=True)
-    equalize(plain, absorb_bias=False)
+    equalize(m, batchnorm="fold", absorb_bias=True)
+    equalize(plain, batchnorm="fold", absorb_bias=False)
     with torch.no_grad():
         assert float(m[0](x).min()) > 0  # the ReLU passes everything (and conv2 has no padding): exact
         torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-4)
@@ -206,7 +242,7 @@ def test_cle_lowers_per_tensor_int8_error():
     calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
     x = torch.randn(8, 3, 12, 12)
     before = _int8_mse(m, PER_TENSOR, calib, x)
-    equalize(m)
+    equalize(m, batchnorm="fold")
     after = _int8_mse(m, PER_TENSOR, calib, x)
     print(f"\nper-tensor INT8 MSE: {before:.3g} -> {after:.3g} with CLE")
     assert after < 0.2 * before, (before, after)
@@ -285,12 +321,38 @@ def test_bias_correction_zeroes_mean_output_error_per_channel():
         with torch.no_grad():
             return torch.stack([q(b) - m(b) for b in data]).mean((0, 1))
     before = mean_err()
-    changes = bias_correction(q, data)
+    changes = bias_correction(q, data, error="accumulated")
     assert set(changes) == {"0", "2", "6"}
     after = mean_err()
     assert float(before.abs().max()) > 1e-3
     print(f"\nmean output error per channel: max {float(before.abs().max()):.3g} -> {float(after.abs().max()):.3g}")
     assert float(after.abs().max()) < 1e-5, after
+
+
+def test_bias_correction_weight_error_closed_form_on_linear():
+    """error="weight" (the paper's eq. 13): the bias moves by -(W~ - W) E[x~], x~ the layer's quantized input."""
+    m = _small_cnn()
+    data = [torch.randn(8, 3, 12, 12) for _ in range(3)]
+    q = trtquant.quantize(copy.deepcopy(m), QuantConfig(input=QuantDescriptor(num_bits=8, calib_method="max"),
+                                                        weight=QuantDescriptor(num_bits=4)), placement=None)
+    trtquant.calibrate(q, data, method="max", progress=False)
+    fc = q.get_submodule("6")
+    seen = []
+    h = fc.register_forward_hook(lambda mod, args, out: seen.append(mod.input_quantizer(args[0]).detach().clone()))
+    with torch.no_grad():
+        for b in data:
+            q(b)
+    h.remove()
+    mean_x = torch.cat(seen).double().mean(0)
+    with torch.no_grad():
+        expect = fc.bias.double() - (fc.weight_quantizer(fc.weight).double() - fc.weight.double()) @ mean_x
+    assert float((expect - fc.bias.double()).abs().max()) > 1e-3  # 4-bit weights do bias the output
+    changes = bias_correction(q, data, error="weight")
+    assert set(changes) == {"0", "2", "6"}
+    # layers 0 and 2 moved first, but from the same pass: layer 6's correction used its pre-correction input
+    torch.testing.assert_close(fc.bias.double(), expect, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="error must be"):
+        bias_correction(q, data, error="both")
 
 
 def test_adaround_within_floor_ceil_never_worse_and_helps_at_4bit():
@@ -364,7 +426,7 @@ def test_each_step_still_exports(step, tmp_path):
         equalize(m)
     if step == "equalize_relu6_clip":  # the ceiling exports as one Min per chain, between the conv and its ReLU6
         m = depthwise_net(act=nn.ReLU6)
-        equalize(m, relu6="clip")
+        equalize(m, batchnorm="fold", relu6="clip")
         assert isinstance(m[1], ChannelCeiling)
     q = trtquant.quantize(m, cfg, placement=None if step == "smooth_quant" else "trt")
     if step == "smooth_quant":
