@@ -86,6 +86,24 @@ def _report(model: nn.Module, ckpt_keys: List[str], missing: List[str], unexpect
     return "\n".join(lines)
 
 
+_BIASABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def _add_missing_biases(model: nn.Module, sd: Mapping[str, object]) -> None:
+    """Give a bias-free Conv/Linear the bias the checkpoint holds for it: bias correction (``trtquant.ptq``)
+    creates one, so a corrected model's state dict must load into a freshly built one."""
+    modules = dict(model.named_modules())
+    for k, v in sd.items():
+        key = _canonical(k)
+        if not key.endswith(".bias") or not isinstance(v, torch.Tensor) or v.dim() != 1:
+            continue
+        m = modules.get(key[: -len(".bias")])
+        if isinstance(m, _BIASABLE) and m.bias is None:
+            out = m.weight.shape[1] * m.groups if isinstance(m, nn.modules.conv._ConvTransposeNd) else m.weight.shape[0]
+            if v.numel() == out:
+                m.bias = nn.Parameter(torch.zeros(out, dtype=m.weight.dtype, device=m.weight.device))
+
+
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, object], strict: bool = True,
                     strip_prefix: Optional[str] = None) -> _IncompatibleKeys:
     """Load ``state_dict`` into ``model``; on a real mismatch raise CheckpointError naming keys and modules.
@@ -99,6 +117,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, object], strict: 
     part when the error is raised (as with torch's own ``load_state_dict``).
     """
     sd = _strip(state_dict, strip_prefix)
+    _add_missing_biases(model, sd)
     own = model.state_dict()
     shapes = []
     for k, v in sd.items():

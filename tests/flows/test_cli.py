@@ -33,6 +33,13 @@ def test_cli_resnet18_onnxruntime_flow(tmp_path: Path) -> None:
     # Another method from the cached histograms, no data.
     out = run("calibrate", "q.pt", "--from-cache", "calib.safetensors", "--method", "mse", "-o", "q_mse.pt", cwd=tmp_path)
     assert "no data run" in out.stdout
+    # Bias correction after calibration adds biases to ResNet's bias-free convs: the checkpoint must reload.
+    out = run("calibrate", "q.pt", "--from-cache", "calib.safetensors", "--method", "percentile", "--bias-correction",
+              "--data", "random", "--num-batches", "2", "--batch-size", "2", "--size", "64", "-o", "q_bc.pt",
+              cwd=tmp_path)
+    assert re.search(r"bias_correction \(weight\): 21 layer\(s\)", out.stdout), out.stdout
+    out = run("export", "q_bc.pt", "-o", "r18_bc.onnx", "--size", "64", "--exporter", "legacy", cwd=tmp_path)
+    assert "0 error(s)" in out.stdout
     out = run("export", "q_cal.pt", "-o", "r18.onnx", "--size", "64", "--exporter", "legacy", cwd=tmp_path)
     assert "0 error(s)" in out.stdout and "TensorRT fuses" in out.stdout
     out = run("check", "r18.onnx", "--json", "check.json", cwd=tmp_path)

@@ -88,21 +88,40 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from . import checkpoint
 
     model, info = checkpoint.load(a.checkpoint)
-    if a.from_cache:
-        load_calibration(model, a.from_cache, method=a.method, **_method_kwargs(a))
-        print(f"amax recomputed with {a.method} from {a.from_cache} (no data run)")
-    else:
+    data = None
+    if not a.from_cache or a.adaround or a.bias_correction:
         shape = info.get("input_shape") or _parse_shape(a.input_shape)
         if a.size:
             shape = [shape[0], a.size, a.size]
         data = _calibration_batches(a.data, shape, a.batch_size, a.num_batches)
+    if a.from_cache:
+        load_calibration(model, a.from_cache, method=a.method, **_method_kwargs(a))
+        print(f"amax recomputed with {a.method} from {a.from_cache} (no data run)")
+    else:
+        assert data is not None  # built above whenever there is no cache
         calibrate(model, data, num_batches=a.num_batches, method=a.method, progress=not a.quiet, **_method_kwargs(a))
         cache = save_calibration(model, a.cache) if a.cache != "none" else None
         if cache:
             print(f"statistics cached in {cache} (try other methods: trtquant calibrate {a.checkpoint} --from-cache {cache} --method mse)")
+    if a.adaround or a.bias_correction:
+        _after_calibration(model, data or [], a)
     checkpoint.save(a.output, info["spec"], info.get("weights"), info.get("include"), info.get("exclude"), model)
     print(f"calibrated ({a.method}) -> {a.output}")
     return 0
+
+
+def _after_calibration(model: Any, data: List[Any], a: argparse.Namespace) -> None:
+    """The trtquant.ptq steps that run on the calibrated model, in the order docs/ptq.md gives."""
+    from ..ptq import adaround, bias_correction
+
+    if a.adaround:
+        res = adaround(model, data, time_budget_s=a.adaround_budget, progress=not a.quiet)
+        kept = sum(r.kept == "adaround" for r in res.values())
+        print(f"adaround: {len(res)} layer(s) rounded, learned rounding kept in {kept} (nearest elsewhere)")
+    if a.bias_correction:
+        changes = bias_correction(model, data, error=a.bias_correction)
+        print(f"bias_correction ({a.bias_correction}): {len(changes)} layer(s), largest change "
+              f"{max(changes.values(), default=0.0):.3g}")
 
 
 def _method_kwargs(a: argparse.Namespace) -> dict:
@@ -310,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--percentile", type=float, default=99.99)
     s.add_argument("--cache", default="calib_cache/latest.safetensors", help="where to cache statistics ('none' to skip)")
     s.add_argument("--from-cache", help="recompute amax from a statistics cache instead of running data")
+    s.add_argument("--adaround", action="store_true",
+                   help="then learn each layer's weight rounding on the same data (trtquant.ptq.adaround)")
+    s.add_argument("--adaround-budget", type=float, default=600.0, help="AdaRound time budget in seconds")
+    s.add_argument("--bias-correction", nargs="?", const="weight", choices=["weight", "accumulated"],
+                   help="then correct biases (trtquant.ptq.bias_correction; default: the weight-error correction)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_calibrate)
