@@ -6,16 +6,17 @@ same queries work on a float model and on one that :func:`trtquant.quantize` has
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from ..quantizer import TensorQuantizer
 
 #: Weighted layers whose output channels (weight dim 0) the PTQ steps rescale.
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def trace(model: nn.Module) -> Optional[fx.Graph]:
@@ -83,3 +84,28 @@ def require_uncalibrated(model: nn.Module, step: str) -> None:
         raise ValueError(f"{step} changes weights and activation ranges, but {len(stale)} quantizer(s) already have "
                          f"an amax ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); run {step} before "
                          "trtquant.calibrate (on the float model or right after trtquant.quantize)")
+
+
+def batchnorm_after(model: nn.Module, graph: fx.Graph) -> Dict[str, Tuple[str, Any]]:
+    """Weighted layer name -> (name, module) of the BatchNorm that is its output's only consumer, both called
+    once and the BN keeping running statistics: the pairs TensorRT fuses, which the PTQ steps fold, rescale or
+    weigh together."""
+    counts = call_counts(graph)
+    pairs: Dict[str, Tuple[str, Any]] = {}
+    for node in graph.nodes:
+        bn: Any = module_of(model, node)
+        if not isinstance(bn, BATCHNORMS) or not bn.track_running_stats or bn.running_mean is None:
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or not isinstance(module_of(model, src), WEIGHTED) or len(src.users) != 1 \
+                or counts[str(src.target)] != 1 or counts[str(node.target)] != 1:
+            continue
+        pairs[str(src.target)] = (str(node.target), bn)
+    return pairs
+
+
+def batchnorm_gain(bn: Any) -> Tensor:
+    """|gamma| / sqrt(var + eps) per channel: how much the BatchNorm scales an error in its input."""
+    std = torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(std)
+    return gamma.abs() / std

@@ -44,11 +44,11 @@ from typing import Any, Dict, List, Optional, Tuple, cast
 import torch
 from torch import Tensor, fx, nn
 
-from ._graph import WEIGHTED, activation_kind, call_counts, module_of, require_uncalibrated, set_submodule, trace
+from ._graph import (WEIGHTED, activation_kind, batchnorm_after, call_counts, module_of, require_uncalibrated,
+                     set_submodule, trace)
 
 logger = logging.getLogger(__name__)
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PASS_THROUGH = (nn.Identity, nn.Dropout)
 
 
@@ -94,21 +94,13 @@ def _fold_batchnorm(model: nn.Module, graph: Optional[fx.Graph]
     graph = graph if graph is not None else trace(model)
     if graph is None:
         raise ValueError(f"fold_batchnorm_: torch.fx cannot trace {type(model).__name__}; fold its BatchNorms by hand")
-    counts = call_counts(graph)
     stats: Dict[str, Tuple[Tensor, Tensor]] = {}
     undo: Dict[str, _Folded] = {}
-    for node in graph.nodes:
-        bn: Any = module_of(model, node)
-        if not isinstance(bn, _BN) or not bn.track_running_stats or bn.running_mean is None:
-            continue
-        src = node.args[0] if node.args else None
-        conv: Any = module_of(model, src) if isinstance(src, fx.Node) else None
-        if not isinstance(src, fx.Node) or not isinstance(conv, WEIGHTED) or len(src.users) != 1 or counts[str(src.target)] != 1 \
-                or counts[str(node.target)] != 1:
-            continue
+    for conv_name, (bn_name, bn) in batchnorm_after(model, graph).items():
+        conv: Any = model.get_submodule(conv_name)
         with torch.no_grad():
-            undo[str(src.target)] = _Folded(str(node.target), bn, conv.weight.detach().clone(),
-                                            None if conv.bias is None else conv.bias.detach().clone())
+            undo[conv_name] = _Folded(bn_name, bn, conv.weight.detach().clone(),
+                                      None if conv.bias is None else conv.bias.detach().clone())
             std = torch.sqrt(cast(Tensor, bn.running_var) + bn.eps)
             gamma = bn.weight if bn.affine else torch.ones_like(std)
             beta = bn.bias if bn.affine else torch.zeros_like(std)
@@ -121,8 +113,8 @@ def _fold_batchnorm(model: nn.Module, graph: Optional[fx.Graph]
                 conv.bias = nn.Parameter(new_b.detach().to(w.dtype))
             else:
                 conv.bias.copy_(new_b)
-        stats[str(src.target)] = (beta.detach().clone(), gamma.detach().abs().clone())
-        set_submodule(model, str(node.target), nn.Identity())
+        stats[conv_name] = (beta.detach().clone(), gamma.detach().abs().clone())
+        set_submodule(model, bn_name, nn.Identity())
     return stats, undo
 
 
@@ -281,17 +273,10 @@ def _equalize_pair(first: Any, second: Any, at_least_one: bool = False, total: O
 def _normalize_into_batchnorm(model: nn.Module, graph: fx.Graph) -> List[Chain]:
     """Divide each output channel of every Conv/Linear that feeds only an affine BatchNorm by ``r_i / max(r)``
     and let the BatchNorm multiply it back (running_mean / s, gamma * s): exact, eps included."""
-    counts = call_counts(graph)
     pairs: List[Chain] = []
-    for node in graph.nodes:
-        bn: Any = module_of(model, node)
-        if not isinstance(bn, _BN) or not bn.affine or not bn.track_running_stats or bn.running_mean is None:
-            continue
-        src = node.args[0] if node.args else None
-        conv: Any = module_of(model, src) if isinstance(src, fx.Node) else None
-        if not isinstance(src, fx.Node) or not isinstance(conv, WEIGHTED) or len(src.users) != 1 \
-                or counts[str(src.target)] != 1 or counts[str(node.target)] != 1 or not _scales_linearly(conv) \
-                or _out_channels(conv) != bn.num_features:
+    for conv_name, (bn_name, bn) in batchnorm_after(model, graph).items():
+        conv: Any = model.get_submodule(conv_name)
+        if not bn.affine or not _scales_linearly(conv) or _out_channels(conv) != bn.num_features:
             continue
         w = conv.weight
         r = w.detach().abs().reshape(w.shape[0], -1).amax(1).double()
@@ -301,7 +286,7 @@ def _normalize_into_batchnorm(model: nn.Module, graph: fx.Graph) -> List[Chain]:
         rm = bn.running_mean
         rm.copy_((rm.double() / s).to(rm.dtype))
         bn.weight.copy_((bn.weight.double() * s).to(bn.weight.dtype))
-        pairs.append(Chain(str(src.target), str(node.target), None))
+        pairs.append(Chain(conv_name, bn_name, None))
     return pairs
 
 
