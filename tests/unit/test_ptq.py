@@ -355,6 +355,32 @@ def test_bias_correction_weight_error_closed_form_on_linear():
         bias_correction(q, data, error="both")
 
 
+def test_adaround_weighs_errors_by_batchnorm_gain_so_equalize_keep_changes_nothing():
+    """Conv -> BN: the loss is the folded layer's, so moving per-channel scales into the BN gives the same model
+    and the same calibration losses (which decide, per layer, whether the learned rounding is kept)."""
+    fp = depthwise_net()
+    data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    x = torch.randn(4, 3, 12, 12)
+
+    def run(keep: bool, gain: bool):
+        m = copy.deepcopy(fp)
+        if keep:
+            equalize(m)  # batchnorm="keep": rows rescaled into the BatchNorms
+        q = trtquant.quantize(m, PER_CHANNEL_4BIT, placement=None)
+        trtquant.calibrate(q, data, method="max", progress=False)
+        res = adaround(q, data, iterations=100, progress=False, batchnorm_gain=gain)
+        with torch.no_grad():
+            return q(x), res
+
+    (a, ra), (b, rb), (_, raw) = run(False, True), run(True, True), run(True, False)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)  # same rounding decisions, up to float rounding
+    for n in ("0", "3"):  # the two layers followed by a BatchNorm
+        assert ra[n].kept == rb[n].kept
+        assert rb[n].nearest_loss == pytest.approx(ra[n].nearest_loss, rel=1e-4)
+        assert abs(raw[n].nearest_loss / ra[n].nearest_loss - 1) > 0.05  # unweighted: another loss
+    assert rb["6"].nearest_loss == pytest.approx(raw["6"].nearest_loss, rel=1e-6)  # no BatchNorm after it
+
+
 def test_adaround_within_floor_ceil_never_worse_and_helps_at_4bit():
     m = _small_cnn(6)
     data = [torch.randn(16, 3, 12, 12) for _ in range(2)]

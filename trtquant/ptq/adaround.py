@@ -17,6 +17,11 @@ quantizer reproduces them, so export gives the same Q/DQ graph (no custom op) fo
 Runtime. Do not recalibrate the weights afterwards (a new amax would move the grid). A layer keeps
 nearest rounding when the learned rounding is not better on its calibration loss. Weights are edited in
 place, and they are the float model's parameter objects too (``trtquant.quantize`` shares them).
+
+The paper reconstructs each layer's output with BatchNorm folded into the conv. Here BatchNorm stays in the
+graph (TensorRT fuses it), so a layer whose only consumer is a BatchNorm weighs each output channel's error by
+that BatchNorm's gain ``|gamma| / sqrt(var + eps)``: the same loss as the folded layer's, and the same rounding
+whether or not :func:`~trtquant.ptq.equalize` has moved per-channel scales between the conv and its BatchNorm.
 """
 
 from __future__ import annotations
@@ -86,9 +91,23 @@ def _apply(m: Any, rows: Tensor, w: Tensor) -> Tensor:
     return y if m.bias is None else y + m.bias.detach()
 
 
-def _recon(out: Tensor, target: Tensor) -> Tensor:
-    """Squared error summed over output channels, averaged over samples."""
-    return (out - target).pow(2).sum(-1).mean()
+def _recon(out: Tensor, target: Tensor, gain: Optional[Tensor] = None) -> Tensor:
+    """Squared error summed over output channels (each scaled by ``gain``: its BatchNorm's), averaged over samples."""
+    d = out - target
+    return (d if gain is None else d * gain).pow(2).sum(-1).mean()
+
+
+def _output_gains(model: nn.Module, names: List[str]) -> Dict[str, Tensor]:
+    """Layer name -> gain of the BatchNorm that is its only consumer (none for an untraceable model)."""
+    from ._graph import batchnorm_after, batchnorm_gain, trace
+
+    graph = trace(model)
+    if graph is None:
+        logger.info("adaround: torch.fx cannot trace %s; output errors are not weighted by BatchNorm gains",
+                    type(model).__name__)
+        return {}
+    pairs = batchnorm_after(model, graph)
+    return {n: batchnorm_gain(pairs[n][1]).float() for n in names if n in pairs}
 
 
 def _capture_rows(model: nn.Module, name: str, batches: List[Any], max_samples: int, seed: int,
@@ -134,7 +153,8 @@ def _grid(m: Any) -> Optional[tuple]:
 def adaround(model: nn.Module, data: Iterable[Any], layers: Optional[List[str]] = None, iterations: int = 500,
              batch_size: int = 256, lr: float = 1e-2, reg_weight: float = 0.01, beta_range: tuple = (20.0, 2.0),
              warmup: float = 0.2, max_samples: int = 4096, time_budget_s: Optional[float] = 600.0,
-             num_batches: Optional[int] = None, progress: bool = True, seed: int = 0) -> Dict[str, LayerResult]:
+             num_batches: Optional[int] = None, progress: bool = True, seed: int = 0,
+             batchnorm_gain: bool = True) -> Dict[str, LayerResult]:
     """Learn the rounding of every quantized Conv/Linear weight, one layer at a time, in place.
 
     Args:
@@ -155,6 +175,8 @@ def adaround(model: nn.Module, data: Iterable[Any], layers: Optional[List[str]] 
         num_batches: use only the first batches of ``data``.
         progress: tqdm bar over layers.
         seed: for the sampling of mini-batches.
+        batchnorm_gain: weigh each output channel's error by the gain of the BatchNorm that follows the layer
+            (the loss of the folded layer, as in the paper); False: the raw conv output's error.
 
     Returns layer name -> :class:`LayerResult`.
     """
@@ -165,6 +187,7 @@ def adaround(model: nn.Module, data: Iterable[Any], layers: Optional[List[str]] 
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
+    gains = _output_gains(model, names) if batchnorm_gain else {}
     ref = copy.deepcopy(model)  # the FP32 function, with the original weights, for the targets
     for q in ref.modules():
         if isinstance(q, TensorQuantizer):
@@ -193,7 +216,7 @@ def adaround(model: nn.Module, data: Iterable[Any], layers: Optional[List[str]] 
                 budget = max(0.0, time_budget_s - spent - reserve) / left
             t_layer = time.monotonic()
             r = _round_layer(model, ref, name, grid, batches, iterations, batch_size, lr, reg_weight,
-                             beta_range, warmup, max_samples, budget, gen, seed + i)
+                             beta_range, warmup, max_samples, budget, gen, seed + i, gains.get(name))
             overhead += time.monotonic() - t_layer - r.optimize_s
             results[name] = r
     finally:
@@ -203,7 +226,8 @@ def adaround(model: nn.Module, data: Iterable[Any], layers: Optional[List[str]] 
 
 def _round_layer(model: nn.Module, ref: nn.Module, name: str, grid: tuple, batches: List[Any], iterations: int,
                  batch_size: int, lr: float, reg_weight: float, beta_range: tuple, warmup: float,
-                 max_samples: int, budget: Optional[float], gen: torch.Generator, seed: int) -> LayerResult:
+                 max_samples: int, budget: Optional[float], gen: torch.Generator, seed: int,
+                 gain: Optional[Tensor] = None) -> LayerResult:
     m: Any = model.get_submodule(name)
     scale, qmin, qmax = grid
     rows_fp = _capture_rows(ref, name, batches, max_samples, seed, quantize_input=False)
@@ -212,6 +236,7 @@ def _round_layer(model: nn.Module, ref: nn.Module, name: str, grid: tuple, batch
         ref_layer: Any = ref.get_submodule(name)
         target = _apply(ref_layer, rows_fp, ref_layer.weight.detach())
     del rows_fp
+    gain = None if gain is None else gain.to(target.device, target.dtype)
 
     def fn(x: Tensor, w: Tensor) -> Tensor:
         return _apply(m, x, w)
@@ -229,7 +254,7 @@ def _round_layer(model: nn.Module, ref: nn.Module, name: str, grid: tuple, batch
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(x_q.device)
         h = rectified_sigmoid(v)
         w_soft = scale * torch.clamp(w_floor + h, qmin, qmax)
-        loss = _recon(fn(x_q[idx], w_soft), target[idx])
+        loss = _recon(fn(x_q[idx], w_soft), target[idx], gain)
         frac = step / max(1, iterations)
         if frac >= warmup:
             t = (frac - warmup) / (1 - warmup)
@@ -242,8 +267,8 @@ def _round_layer(model: nn.Module, ref: nn.Module, name: str, grid: tuple, batch
     with torch.no_grad():
         w_ada = scale * torch.clamp(w_floor + (v >= 0).to(w.dtype), qmin, qmax)
         w_near = scale * torch.clamp(torch.round(w / scale), qmin, qmax)
-        loss_ada = float(_recon(fn(x_q, w_ada), target))
-        loss_near = float(_recon(fn(x_q, w_near), target))
+        loss_ada = float(_recon(fn(x_q, w_ada), target, gain))
+        loss_near = float(_recon(fn(x_q, w_near), target, gain))
         flipped = float((w_ada != w_near).float().mean())
         kept = "adaround" if loss_ada < loss_near else "nearest"
         if kept == "adaround":
