@@ -355,7 +355,7 @@ def test_bias_correction_weight_error_closed_form_on_linear():
         bias_correction(q, data, error="both")
 
 
-def test_adaround_weighs_errors_by_batchnorm_gain_so_equalize_keep_changes_nothing():
+def test_adaround_batchnorm_gain_makes_equalize_keep_change_nothing():
     """Conv -> BN: the loss is the folded layer's, so moving per-channel scales into the BN gives the same model
     and the same calibration losses (which decide, per layer, whether the learned rounding is kept)."""
     fp = depthwise_net()
@@ -372,7 +372,7 @@ def test_adaround_weighs_errors_by_batchnorm_gain_so_equalize_keep_changes_nothi
         with torch.no_grad():
             return q(x), res
 
-    (a, ra), (b, rb), (_, raw) = run(False, True), run(True, True), run(True, False)
+    (a, ra), (b, rb), (_, raw) = run(False, True), run(True, True), run(True, False)  # raw: the default
     torch.testing.assert_close(b, a, rtol=0, atol=1e-4)  # same rounding decisions, up to float rounding
     for n in ("0", "3"):  # the two layers followed by a BatchNorm
         assert ra[n].kept == rb[n].kept
