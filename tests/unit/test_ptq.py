@@ -310,12 +310,16 @@ def _small_cnn(seed: int = 5) -> nn.Sequential:
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6)).eval()
 
 
+def _small_cnn_4bit_per_tensor(m: nn.Module, data: list) -> nn.Module:
+    q = trtquant.quantize(copy.deepcopy(m), QuantConfig(input=QuantDescriptor(num_bits=8, calib_method="max"),
+                                                        weight=QuantDescriptor(num_bits=4)), placement=None)
+    return trtquant.calibrate(q, data, method="max", progress=False)
+
+
 def test_bias_correction_zeroes_mean_output_error_per_channel():
     m = _small_cnn()
     data = [torch.randn(8, 3, 12, 12) for _ in range(3)]
-    q = trtquant.quantize(copy.deepcopy(m), QuantConfig(input=QuantDescriptor(num_bits=8, calib_method="max"),
-                                                        weight=QuantDescriptor(num_bits=4)), placement=None)
-    trtquant.calibrate(q, data, method="max", progress=False)
+    q = _small_cnn_4bit_per_tensor(m, data)
 
     def mean_err() -> torch.Tensor:
         with torch.no_grad():
@@ -331,11 +335,8 @@ def test_bias_correction_zeroes_mean_output_error_per_channel():
 
 def test_bias_correction_weight_error_closed_form_on_linear():
     """error="weight" (the paper's eq. 13): the bias moves by -(W~ - W) E[x~], x~ the layer's quantized input."""
-    m = _small_cnn()
     data = [torch.randn(8, 3, 12, 12) for _ in range(3)]
-    q = trtquant.quantize(copy.deepcopy(m), QuantConfig(input=QuantDescriptor(num_bits=8, calib_method="max"),
-                                                        weight=QuantDescriptor(num_bits=4)), placement=None)
-    trtquant.calibrate(q, data, method="max", progress=False)
+    q = _small_cnn_4bit_per_tensor(_small_cnn(), data)
     fc = q.get_submodule("6")
     seen = []
     h = fc.register_forward_hook(lambda mod, args, out: seen.append(mod.input_quantizer(args[0]).detach().clone()))

@@ -24,7 +24,7 @@ that runs each layer twice ("weight").
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -70,55 +70,19 @@ def _count(out: Tensor, m: Any) -> int:
     return out.numel() // (out.shape[-1] if isinstance(m, nn.Linear) else out.shape[1])
 
 
-def output_means(model: nn.Module, names: List[str], data: Iterable[Any]) -> Dict[str, Tensor]:
-    """Mean output per channel of each named layer over ``data`` (one pass)."""
+def _channel_means(model: nn.Module, names: List[str], data: Iterable[Any],
+                   per_call: Callable[[Any, Any, Any, Tensor], Optional[Tensor]]) -> Dict[str, Tensor]:
+    """One pass over ``data``: per named layer, the mean per output channel of ``per_call(module, args, kwargs,
+    output)`` (channel sums; None skips the call)."""
     sums: Dict[str, Tensor] = {}
     counts: Dict[str, int] = {}
-    hooks = []
-    for n in names:
-        m = model.get_submodule(n)
-
-        def hook(mod: nn.Module, args: Any, out: Tensor, n: str = n) -> None:
-            s = _channel_sums(out, mod)
-            sums[n] = sums[n] + s if n in sums else s
-            counts[n] = counts.get(n, 0) + _count(out, mod)
-        hooks.append(m.register_forward_hook(hook))
-    device = _model_device(model)
-    try:
-        with torch.no_grad():
-            for batch in data:
-                run_batch(model, _to_device(batch, device))
-    finally:
-        for h in hooks:
-            h.remove()
-    missing = [n for n in names if n not in sums]
-    if missing:
-        raise ValueError(f"bias_correction: the data never reached {', '.join(missing)}; feed batches that run them")
-    return {n: sums[n] / counts[n] for n in names}
-
-
-def weight_error_means(model: nn.Module, names: List[str], data: Iterable[Any]) -> Dict[str, Tensor]:
-    """Per named layer, the mean per output channel of (output with quantized weights - output with float
-    weights) on the same quantized input: the bias its weight quantization adds (one pass over ``data``)."""
-    sums: Dict[str, Tensor] = {}
-    counts: Dict[str, int] = {}
-    inside: set = set()
     hooks = []
     for n in names:
         def hook(mod: Any, args: Any, kwargs: Any, out: Tensor, n: str = n) -> None:
-            if n in inside:  # the float-weight rerun below
+            s = per_call(mod, args, kwargs, out)
+            if s is None:
                 return
-            quantized = _channel_sums(out, mod)  # before the rerun: outputs may come from a reused buffer
-            wq = mod.weight_quantizer
-            state = wq.get_state()
-            inside.add(n)
-            wq.disable()
-            try:
-                diff = quantized - _channel_sums(mod(*args, **kwargs), mod)
-            finally:
-                wq.set_state(state)
-                inside.discard(n)
-            sums[n] = sums[n] + diff if n in sums else diff
+            sums[n] = sums[n] + s if n in sums else s
             counts[n] = counts.get(n, 0) + _count(out, mod)
         hooks.append(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
     device = _model_device(model)
@@ -133,6 +97,32 @@ def weight_error_means(model: nn.Module, names: List[str], data: Iterable[Any]) 
     if missing:
         raise ValueError(f"bias_correction: the data never reached {', '.join(missing)}; feed batches that run them")
     return {n: sums[n] / counts[n] for n in names}
+
+
+def output_means(model: nn.Module, names: List[str], data: Iterable[Any]) -> Dict[str, Tensor]:
+    """Mean output per channel of each named layer over ``data`` (one pass)."""
+    return _channel_means(model, names, data, lambda mod, args, kwargs, out: _channel_sums(out, mod))
+
+
+def weight_error_means(model: nn.Module, names: List[str], data: Iterable[Any]) -> Dict[str, Tensor]:
+    """Per named layer, the mean per output channel of (output with quantized weights - output with float
+    weights) on the same quantized input: the bias its weight quantization adds (one pass over ``data``)."""
+    inside: set = set()
+
+    def diff(mod: Any, args: Any, kwargs: Any, out: Tensor) -> Optional[Tensor]:
+        if id(mod) in inside:  # the float-weight rerun below
+            return None
+        quantized = _channel_sums(out, mod)  # before the rerun: outputs may come from a reused buffer
+        wq = mod.weight_quantizer
+        state = wq.get_state()
+        inside.add(id(mod))
+        wq.disable()
+        try:
+            return quantized - _channel_sums(mod(*args, **kwargs), mod)
+        finally:
+            wq.set_state(state)
+            inside.discard(id(mod))
+    return _channel_means(model, names, data, diff)
 
 
 @torch.no_grad()
