@@ -28,9 +28,10 @@ widens the spread of per-channel ranges a per-tensor weight quantizer sees.
 by ``s_i``, its gamma multiplied by it; the variance and eps are untouched, so FP32 is unchanged to rounding). Every
 weight row then spans the same range and a per-tensor weight quantizer loses no channel. The exported TensorRT
 graph is the same Q/DQ Conv -> BatchNorm graph; TensorRT fuses the BatchNorm into the quantized conv after the
-weight Q/DQ, keeping the unfused execution order (TensorRT developer guide, Q/DQ layer-placement recommendations:
-BN folding need not be simulated), so in the engine the per-tensor weight scale times the BatchNorm gain becomes a per-output-channel
-scale - this is what per-tensor weights cost least with, not a new kernel. Chains without a BatchNorm still get
+weight Q/DQ, keeping the unfused execution order (TensorRT developer guide, Q/DQ layer-placement
+recommendations: BN folding need not be simulated). In the engine the per-tensor weight scale times the
+BatchNorm gain is then a per-output-channel scale: per-channel accuracy where only a per-tensor weight scale
+is accepted, not a new kernel. Chains without a BatchNorm still get
 classic CLE. The BatchNorm's running statistics no longer describe the conv's raw output: train mode (QAT) would
 renormalize them, so run it before calibration and export, not before training.
 """
