@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..calibrate import _model_device, _to_device, run_batch
 from ..functional import amax_to_scale, quant_bounds
 from ..quantizer import TensorQuantizer
+from ._graph import batchnorm_after, batchnorm_gain, trace
 from .bias_correction import weighted_layers
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,6 @@ def _recon(out: Tensor, target: Tensor, gain: Optional[Tensor] = None) -> Tensor
 
 def _output_gains(model: nn.Module, names: List[str]) -> Dict[str, Tensor]:
     """Layer name -> gain of the BatchNorm that is its only consumer (none for an untraceable model)."""
-    from ._graph import batchnorm_after, batchnorm_gain, trace
-
     graph = trace(model)
     if graph is None:
         logger.info("adaround: torch.fx cannot trace %s; output errors are not weighted by BatchNorm gains",
