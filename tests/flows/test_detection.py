@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 from torchvision.models import detection as D  # noqa: E402
 
 from trtquant.calibrate import run_batch  # noqa: E402
-from trtquant.export import check_onnx, detection_core, detection_roi_head, export_onnx, prepare_images  # noqa: E402
+from trtquant.export import check_onnx, compare, detection_core, detection_roi_head, export_onnx, prepare_images  # noqa: E402
 
 SIZE = 128
 SMALL = dict(weights=None, weights_backbone=None, num_classes=3, min_size=SIZE, max_size=SIZE)
@@ -81,6 +81,18 @@ def test_retinanet_quantize_calibrate_export_core_ort_parity(tmp_path, capsys):
             print(f"  {name} {tuple(value.shape)}: ORT vs fake quant cosine {cos:.6f}")
             assert got[name].shape == tuple(value.shape)
             assert cos >= 0.99, name
+
+    # ONNX Runtime target: the head's final convs (a model output, called per level from untraced Python)
+    # get their output Q from run-time observers, so every conv runs as an INT8 kernel, exactly.
+    ort_path = tmp_path / "retinanet_core_ort.onnx"
+    export_onnx(core, x, ort_path, exporter="legacy", target="onnxruntime", output_names=core.output_names)
+    cmp = compare(core, ort_path, x, teacher_forced=True, input_noise=None)
+    with capsys.disabled():
+        print(f"retinanet core, ONNX Runtime target: INT8 convs {cmp.int8_conv_fraction:.3f}, "
+              f"teacher-forced {cmp.teacher_forced.mismatched} of {cmp.teacher_forced.codes} codes differ")
+    assert cmp.int8_conv_fraction == 1.0, cmp.notes
+    assert cmp.teacher_forced.codes > 0 and cmp.teacher_forced.mismatched == 0
+    assert all(o.cosine >= 0.99 for o in cmp.outputs), cmp.outputs
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "fcos", "ssdlite", "fasterrcnn"])

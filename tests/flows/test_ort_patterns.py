@@ -9,7 +9,9 @@ and how many Conv layers ONNX Runtime's optimized graph runs as INT8 kernels.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import copy
+
+from typing import List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -224,3 +226,68 @@ def test_per_tensor_weights_with_batchnorm_fold_and_run_int8(tmp_path) -> None:
     _assert_parity(plain, fused)
     assert plain.int8_conv_fraction == 1.0, plain.notes
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
+
+
+class _LevelHead(nn.Module):
+    """A detection head in torchvision's style: a conv tower and a final conv shared by every FPN level,
+    run in a Python loop over the list it gets (torch.fx cannot trace that alone), each level's output
+    reshaped and all concatenated into a model output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower = _cbr(8, 8, 3)
+        self.logits = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for f in features:
+            y = self.logits(self.tower(f))
+            out.append(y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, 6))
+        return torch.cat(out, 1)
+
+
+class _Detector(nn.Module):
+    """Two feature levels into :class:`_LevelHead`; the coarse level is a model output too (Faster R-CNN
+    returns its FPN features beside the RPN outputs). Branching on the input size, as detectors' transforms
+    do, makes the whole model untraceable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 8, 3)
+        self.down = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.head = _LevelHead()
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        p3 = self.stem(x)
+        p4 = self.down(p3)
+        return self.head([p3, p4]), p4
+
+
+def test_untraceable_detection_head_runs_every_conv_int8(tmp_path) -> None:
+    """Before: the head's final conv (its output a model output, called from untraced Python) had no
+    output Q and ran float, and so did a conv whose output is both a model output and another conv's
+    input (2/5 convs float here). Its observer is placed outside every traced subtree and kept or
+    dropped from the model's run-time dataflow; the tower's observer is dropped (the final conv's input
+    quantizer covers it)."""
+    from trtquant.export.ort_flavor import ort_flavor_, output_observers_needed
+    from trtquant.placement.fx_pass import placement_report
+    from trtquant.placement.rules import RULE_ORT_OUTPUT
+
+    plain, fused, graph = _export_and_compare(_Detector(), tmp_path)
+    _assert_parity(plain, fused)
+    assert plain.int8_conv_fraction == 1.0, plain.notes
+    q = trtquant.quantize(_Detector().eval())
+    placed = {e["quantizer"]: e["rule"] for e in placement_report(q)["quantizers"]}
+    assert placed.get("head.logits.ort_output_quantizer") == RULE_ORT_OUTPUT, placed
+    g = torch.Generator().manual_seed(1)
+    trtquant.calibrate(q, [torch.randn(2, 3, 24, 24, generator=g)], method="max", progress=False)
+    x = torch.randn(2, 3, 24, 24, generator=g)
+    needed = output_observers_needed(ort_flavor_(copy.deepcopy(q)), x)
+    assert "head.logits.ort_output_quantizer" in needed and "down.0.ort_output_quantizer" in needed, needed
+    assert not any(n.startswith("head.tower") for n in needed), needed
+    path = tmp_path / "det.onnx"
+    export_onnx(q, x, path, target="onnxruntime", exporter="legacy")
+    tf = compare(q, path, x, teacher_forced=True, int8_kernels=False).teacher_forced
+    assert tf.codes > 0 and tf.mismatched == 0, tf

@@ -129,12 +129,16 @@ def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[
     """
     sess = ort_session(onnx_path, optimize=optimize)
     notes: List[str] = []
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if not batches:
+        raise ValueError("compare needs at least one batch of inputs")
     if onnx_target(sess) == "onnxruntime":
         # That graph computes what the ONNX Runtime flavour of the model computes (unsigned post-ReLU
         # quantizers, folded BatchNorm, int32 biases), not the TensorRT fake quant: compare with it.
         from .ort_flavor import ort_flavor_
 
-        model = ort_flavor_(copy.deepcopy(model))
+        first = batches[0] if isinstance(batches[0], (tuple, list)) else (batches[0],)
+        model = ort_flavor_(copy.deepcopy(model), tuple(first[: len(sess.get_inputs())]))
         notes.append("reference: the ONNX Runtime flavour of the model (export target 'onnxruntime')")
         from .ort_graph import FLOAT_OPS_KEY, WEIGHTS_KEY, host_weight_dtype
 
@@ -154,9 +158,6 @@ def compare(model: nn.Module, onnx_path: Union[str, os.PathLike], inputs: Union[
             notes.append(f"Conv layers ONNX Runtime runs as INT8 kernels (optimized graph): {fraction[0]}/{fraction[1]}")
     in_names = [i.name for i in sess.get_inputs()]
     out_names = [o.name for o in sess.get_outputs()]
-    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    if not batches:
-        raise ValueError("compare needs at least one batch of inputs")
     leaves: List[str] = []
     refs: List[List[np.ndarray]] = [[] for _ in out_names]
     outs: List[List[np.ndarray]] = [[] for _ in out_names]

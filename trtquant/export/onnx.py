@@ -162,7 +162,7 @@ def export_onnx(
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _as_tuple(example_inputs))
     work = copy.deepcopy(model).eval()
     if target == "onnxruntime":
-        ort_flavor_(work)
+        ort_flavor_(work, args)
     if torch_dtype != torch.float32:
         work = work.to(torch_dtype)
         args = tuple(a.to(torch_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Dict, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,13 @@ from ..placement.ort_observers import OUTPUT_OBSERVER, covering_quantizers
 from ..quantizer import TensorQuantizer
 
 
-def ort_flavor_(model: nn.Module) -> nn.Module:
-    """Make ``model`` (in place) compute what its ONNX Runtime INT8 graph computes; returns it."""
+def ort_flavor_(model: nn.Module, example_inputs: Any = None) -> nn.Module:
+    """Make ``model`` (in place) compute what its ONNX Runtime INT8 graph computes; returns it.
+
+    ``example_inputs`` (a tensor or a tuple of positional arguments): for a model torch.fx cannot trace,
+    one run on them decides which conv output observers the graph needs (:func:`output_observers_needed`);
+    without them such a model's observers stay off.
+    """
     if getattr(model, "_trtquant_ort_flavor", False):
         return model  # already flavoured: folding BatchNorm twice would be wrong
     missing, observers = [], []
@@ -42,7 +47,7 @@ def ort_flavor_(model: nn.Module) -> nn.Module:
             missing.append(name)
         q.enable_quant()
     unsigned_nonnegative_inputs_(model)
-    needed = output_observers_needed(model) if observers and not missing else set()
+    needed = output_observers_needed(model, example_inputs) if observers and not missing else set()
     for name, q in observers:
         if name not in needed:
             q.disable()  # the conv gets its output Q from the quantizer after it (copied up in the graph)
@@ -63,13 +68,15 @@ def _scale_key(m: TensorQuantizer) -> Optional[tuple]:
     return None if m.amax is None else (float(m.amax.reshape(-1)[0]), bool(m.unsigned))
 
 
-def output_observers_needed(model: nn.Module) -> Set[str]:
+def output_observers_needed(model: nn.Module, example_inputs: Any = None) -> Set[str]:
     """Output observers (:func:`~trtquant.placement.ort_observers.add_output_observers_`) whose conv has
     no output Q without them.
 
     A conv is covered when every path from its output (after its BatchNorm) goes through ops the graph
     copies a Q through (ReLU, MaxPool, Concat, zero Pad, reshapes) into quantizers of one scale: then
-    that Q moves up to the conv. Otherwise its own observer gives it one. Untraceable: none.
+    that Q moves up to the conv. Otherwise its own observer gives it one. A model torch.fx cannot trace
+    (a detection head looping over FPN levels) is asked the same question of its run-time dataflow on
+    ``example_inputs`` (:func:`~trtquant.placement.dataflow.record_dataflow`); without them: none.
     """
     from ..placement.fx_pass import trace_quantized
 
@@ -80,7 +87,7 @@ def output_observers_needed(model: nn.Module) -> Set[str]:
     try:
         graph = trace_quantized(model)
     except Exception:
-        return set()
+        return _observers_needed_at_run_time(model, observers, example_inputs)
     modules = dict(model.named_modules())
     needed = set()
     for n in graph.nodes:
@@ -91,6 +98,24 @@ def output_observers_needed(model: nn.Module) -> Set[str]:
         if name not in observers:
             continue
         scales = covering_quantizers(n, modules, _scale_key)
+        if scales is None or len(scales) != 1:
+            needed.add(name)
+    return needed
+
+
+def _observers_needed_at_run_time(model: nn.Module, observers: Set[str], example_inputs: Any) -> Set[str]:
+    """:func:`output_observers_needed` on the dataflow of one run (an observer its run never calls: not needed)."""
+    if example_inputs is None:
+        return set()
+    from ..placement.dataflow import record_dataflow
+
+    flow = record_dataflow(model, example_inputs)
+    needed = set()
+    for name in observers:
+        seen = flow.seen_by.get(name)
+        if seen is None:
+            continue
+        scales = flow.covering(seen, _scale_key)
         if scales is None or len(scales) != 1:
             needed.add(name)
     return needed
@@ -113,7 +138,6 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
 
     from ..functional import amax_to_scale, quant_bounds
     from ..nn.base import QuantMixin
-    from ..placement.fx_pass import trace_quantized
     from .ort_graph import fold_bn_scale, int32_bias
 
     def scales(layer: nn.Module):
@@ -127,59 +151,56 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
                 amax_to_scale(wq.amax, quant_bounds(8, wq.unsigned, wq.narrow_range)[2]).reshape(-1).cpu().numpy())
 
     bn_folded: set = set()
-    try:
-        graph = trace_quantized(model)
-    except Exception:  # untraceable: BatchNorm stays separate; biases are still rounded below
-        graph = fx.Graph()
-    modules = dict(model.named_modules())
-    for n in graph.nodes:
-        layer = modules.get(str(n.target)) if n.op == "call_module" else None
-        if not isinstance(layer, QuantMixin) or not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed \
-                or scales(layer) is None:
-            continue
-        s_in, s_w = scales(layer)
-        wq = layer.weight_quantizer
-        users = list(n.users)
-        bn_name = str(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
-        bn = modules.get(bn_name) if bn_name else None
-        w = layer.weight.detach().cpu().float()
-        # A twin whose own forward transforms its weight (weight standardization) would transform a folded
-        # weight again: its BatchNorm stays separate (only the bias goes onto the int32 grid below).
-        transforms_weight = hasattr(layer, "weight_transformed") and layer.weight_transformed is not False
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.affine \
-                and not transforms_weight:
-            qmin, qmax, bound = quant_bounds(wq.num_bits, wq.unsigned, wq.narrow_range)
-            shape = [-1] + [1] * (w.dim() - 1)
-            with torch.no_grad():
-                w_fq = wq(layer.weight.detach()).cpu().float()  # the fake-quant weight the model uses
-                codes = torch.round(w_fq / torch.from_numpy(s_w).reshape(shape))
-            bias0 = None if layer.bias is None else layer.bias.detach().cpu().numpy()
-            s_f, b_f, sign = fold_bn_scale(s_w, bn.weight.detach().cpu().numpy(), bn.bias.detach().cpu().numpy(),
-                                           bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps, bias0)
-            # amax whose float32 scale (amax / bound) is s_f; where no float32 amax hits s_f exactly, the
-            # nearest reachable scale is used on both sides (the graph exports this quantizer's scale).
-            amax_f = _amax_for_scales(torch.from_numpy(s_f), bound)
-            s_f = amax_to_scale(amax_f, bound).numpy()
-            folded_codes = (codes * torch.from_numpy(sign.astype(np.float32)).reshape(shape)).clamp_(qmin, qmax)
-            folded = folded_codes * torch.from_numpy(s_f).reshape(shape)
-            b_codes, s_b = int32_bias(b_f, s_in, s_f, layer.weight[0].numel())
-            with torch.no_grad():
-                layer.weight.data = folded.to(layer.weight.device)
-                bias = torch.from_numpy(b_codes.astype(np.float32) * s_b).to(layer.weight.device)
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(bias)
-                else:
-                    layer.bias.data = bias
-                if not wq.quant_desc.per_channel:
-                    # A per-tensor weight scale times |gamma| per channel is a per-channel scale: the
-                    # folded weight is quantized along the output channels (the graph's weight DQ, axis 0).
-                    wq.quant_desc = dataclasses.replace(wq.quant_desc, axis=0)
-                wq.amax = amax_f.reshape(shape)
-            layer._wq_cache = None
-            bn_folded.add(id(layer))
-            parent, _, child = bn_name.rpartition(".")
-            # The BatchNorm's output observer (if any) now quantizes the folded conv's output.
-            setattr(model.get_submodule(parent) if parent else model, child, getattr(bn, OUTPUT_OBSERVER, nn.Identity()))
+    for root, graph in _traced_parts(model):
+        modules = dict(root.named_modules())
+        for n in graph.nodes:
+            layer = modules.get(str(n.target)) if n.op == "call_module" else None
+            if not isinstance(layer, QuantMixin) or not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed \
+                    or scales(layer) is None:
+                continue
+            s_in, s_w = scales(layer)
+            wq = layer.weight_quantizer
+            users = list(n.users)
+            bn_name = str(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+            bn = modules.get(bn_name) if bn_name else None
+            w = layer.weight.detach().cpu().float()
+            # A twin whose own forward transforms its weight (weight standardization) would transform a folded
+            # weight again: its BatchNorm stays separate (only the bias goes onto the int32 grid below).
+            transforms_weight = hasattr(layer, "weight_transformed") and layer.weight_transformed is not False
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.affine \
+                    and not transforms_weight:
+                qmin, qmax, bound = quant_bounds(wq.num_bits, wq.unsigned, wq.narrow_range)
+                shape = [-1] + [1] * (w.dim() - 1)
+                with torch.no_grad():
+                    w_fq = wq(layer.weight.detach()).cpu().float()  # the fake-quant weight the model uses
+                    codes = torch.round(w_fq / torch.from_numpy(s_w).reshape(shape))
+                bias0 = None if layer.bias is None else layer.bias.detach().cpu().numpy()
+                s_f, b_f, sign = fold_bn_scale(s_w, bn.weight.detach().cpu().numpy(), bn.bias.detach().cpu().numpy(),
+                                               bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps, bias0)
+                # amax whose float32 scale (amax / bound) is s_f; where no float32 amax hits s_f exactly, the
+                # nearest reachable scale is used on both sides (the graph exports this quantizer's scale).
+                amax_f = _amax_for_scales(torch.from_numpy(s_f), bound)
+                s_f = amax_to_scale(amax_f, bound).numpy()
+                folded_codes = (codes * torch.from_numpy(sign.astype(np.float32)).reshape(shape)).clamp_(qmin, qmax)
+                folded = folded_codes * torch.from_numpy(s_f).reshape(shape)
+                b_codes, s_b = int32_bias(b_f, s_in, s_f, layer.weight[0].numel())
+                with torch.no_grad():
+                    layer.weight.data = folded.to(layer.weight.device)
+                    bias = torch.from_numpy(b_codes.astype(np.float32) * s_b).to(layer.weight.device)
+                    if layer.bias is None:
+                        layer.bias = nn.Parameter(bias)
+                    else:
+                        layer.bias.data = bias
+                    if not wq.quant_desc.per_channel:
+                        # A per-tensor weight scale times |gamma| per channel is a per-channel scale: the
+                        # folded weight is quantized along the output channels (the graph's weight DQ, axis 0).
+                        wq.quant_desc = dataclasses.replace(wq.quant_desc, axis=0)
+                    wq.amax = amax_f.reshape(shape)
+                layer._wq_cache = None
+                bn_folded.add(id(layer))
+                parent, _, child = bn_name.rpartition(".")
+                # The BatchNorm's output observer (if any) now quantizes the folded conv's output.
+                setattr(root.get_submodule(parent) if parent else root, child, getattr(bn, OUTPUT_OBSERVER, nn.Identity()))
     # Every other Conv/Linear bias goes onto the int32 grid as the graph adds it (Conv/Gemm: int32 DQ;
     # a Linear on 3-D input, MatMul + Add: the rounded constant). This needs no graph.
     for layer in model.modules():
@@ -193,6 +214,17 @@ def _emulate_int32_bias_(model: nn.Module) -> None:
         b_codes, s_b = int32_bias(layer.bias.detach().cpu().numpy(), sc[0], sc[1], layer.weight[0].numel())
         with torch.no_grad():
             layer.bias.copy_(torch.from_numpy(b_codes.astype(np.float32) * s_b))
+
+
+def _traced_parts(model: nn.Module) -> List[Tuple[nn.Module, fx.Graph]]:
+    """(module, its torch.fx graph): the model, or where it does not trace, its largest submodules that do
+    (a Conv's only reader inside one of them is its only reader in the model)."""
+    from ..placement.fx_pass import trace_quantized, traceable_subtrees
+
+    try:
+        return [(model, trace_quantized(model))]
+    except Exception:
+        return [(root, graph) for _, root, graph, _ in traceable_subtrees(model) if graph is not None]
 
 
 def _amax_for_scales(scale: torch.Tensor, bound: int) -> torch.Tensor:

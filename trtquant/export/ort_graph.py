@@ -90,13 +90,15 @@ def float_op_types(g: GraphIndex) -> List[str]:
     """Op types reading a dequantized activation that ONNX Runtime has no INT8 kernel for (sorted).
 
     They run in float between the DQ and the next Q (HardSigmoid/HardSwish, the Sigmoid and Mul of
-    SiLU, LayerNormalization, ...); the convs around them still run INT8.
+    SiLU, LayerNormalization, ...); the convs around them still run INT8. Shape/Size read only the
+    shape (a detection head's reshape of its conv output), no values.
     """
     found = set()
     for _, n in g.live_nodes():
         if n.op_type != "DequantizeLinear" or g.const(n.input[0]) is not None:
             continue
-        found.update(c.op_type for c in _users(g, n.output[0]) if c.op_type not in ops.ORT_INT8_OPS)
+        found.update(c.op_type for c in _users(g, n.output[0])
+                     if c.op_type not in ops.ORT_INT8_OPS and c.op_type not in ("Shape", "Size"))
     return sorted(found)
 
 
@@ -178,9 +180,9 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
         if scale is None or scale.size != 1:
             continue
         dq_ids = [i for i, _, _ in g.consumer_nodes(q.output[0])]
-        if not dq_ids or any(g.nodes[d].op_type != "DequantizeLinear" or g.is_graph_output(g.nodes[d].output[0])
-                             for d in dq_ids) or g.const(q.input[0]) is not None:
-            continue  # a constant (e.g. a tied weight step 1 left alone) or an output: kept as exported
+        if not dq_ids or any(g.nodes[d].op_type != "DequantizeLinear" for d in dq_ids) \
+                or g.const(q.input[0]) is not None:
+            continue  # a constant (e.g. a tied weight step 1 left alone): kept as exported
         zp = g.const(q.input[2]) if len(q.input) > 2 and q.input[2] else None
         is_unsigned = zp is not None and zp.dtype == np.uint8
         if is_unsigned and int(zp.reshape(())) != 0:
@@ -190,6 +192,7 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
     act_scale: Dict[str, float] = {}
     unsigned: set = set()  # tensors quantized to uint8 with zero point 0 (non-negative by construction)
     rename: Dict[str, str] = {}
+    output_reads: List[Tuple[str, str]] = []  # (graph output, the quantized read it becomes an Identity of)
     for tensor, group in pairs.items():
         if len({(value, is_u) for _, _, value, is_u in group}) > 1:
             # Quantizers reading one tensor with different scales (e.g. amax learned per quantizer in
@@ -206,7 +209,11 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
             unsigned.add(tensor)
         for qi, dq_ids, _, _ in group:
             for d in dq_ids:
-                rename[g.nodes[d].output[0]] = _quantized_read(tensor)
+                out = g.nodes[d].output[0]
+                if g.is_graph_output(out):  # a quantized model output (Faster R-CNN's FPN features)
+                    output_reads.append((out, _quantized_read(tensor)))
+                else:
+                    rename[out] = _quantized_read(tensor)
                 drop.add(d)
             drop.add(qi)
     # Readers that went through the DQ read a placeholder (an Identity until step 5 makes it the new
@@ -218,6 +225,8 @@ def to_onnxruntime_graph(model: onnx.ModelProto, weight_dtype: str = "int8") -> 
         g.add_node(helper.make_node("Identity", [t], [_quantized_read(t)], name=_quantized_read(t)))
     for old, new in rename.items():
         g.replace_uses(old, new)
+    for out, read in output_reads:
+        g.add_node(helper.make_node("Identity", [read], [out], name=out + "_out"))
     g.commit()
 
     # 3. Re-create weights as int8 initializer -> DQ. BatchNorm is not folded here: the exported model

@@ -455,7 +455,7 @@ def teacher_forced(model: Optional[nn.Module], onnx_path: OnnxModel, inputs: Uni
         if target == "onnxruntime":
             from .ort_flavor import ort_flavor_
 
-            model = ort_flavor_(copy.deepcopy(model))
+            model = ort_flavor_(copy.deepcopy(model), tuple(args))
             notes.append("reference: the ONNX Runtime flavour of the model (export target 'onnxruntime')")
         scale_dtype = torch.float16 if any(_q_constants(g, q)[0].dtype == np.float16 for q in qnodes) else torch.float32
         grids = _model_grids(model, args, scale_dtype)

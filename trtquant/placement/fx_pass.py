@@ -39,7 +39,7 @@ from ..graph.dag import concat_quantizer_groups, residual_split
 from ..quantizer import SharedQuantResult, TensorQuantizer
 from . import attention, rules
 from .fx_dag import FxDag, binary_op
-from .ort_observers import add_output_observers_
+from .ort_observers import add_output_observers_, add_untraced_output_observers_
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +311,9 @@ def apply_trt_placement(model: nn.Module, cfg, select: Optional[Select] = None) 
             _runtime_attention(prefix, root, cfg, state, select)
             continue
         _place(model, prefix, root, graph, calls, cfg, state, select)
+    if not state.traced:  # convs called from untraced code: their ONNX Runtime output scale, decided at run time
+        for name in add_untraced_output_observers_(model, [name for name, *_ in roots]):
+            state.rules[name] = rules.RULE_ORT_OUTPUT
     setattr(model, _STATE_ATTR, state)
     return state
 

@@ -55,10 +55,8 @@ def add_output_observers_(model: nn.Module, graph: "fx.Graph | None" = None) -> 
     added = []
     for n in graph.nodes:
         layer = modules.get(str(n.target)) if n.op == "call_module" else None
-        if not isinstance(layer, QuantMixin) or not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed:
+        if not _observable_conv(layer):
             continue
-        if layer.input_quantizer.quant_desc.is_fp8:
-            continue  # the ONNX Runtime target is INT8 only: an FP8 model never exports to it
         end_name, end = _epilogue_end(n, modules)
         if hasattr(end, OUTPUT_OBSERVER):
             continue
@@ -66,13 +64,40 @@ def add_output_observers_(model: nn.Module, graph: "fx.Graph | None" = None) -> 
         readers = covering_quantizers(end_node, modules, _tensor_key, through_pools=True)
         if readers is not None and len(readers) == 1:
             continue
-        desc = dataclasses.replace(layer.input_quantizer.quant_desc, axis=None, unsigned=False, calib_method="max")
-        observer = TensorQuantizer(desc)
-        observer.disable_quant()
-        observer.ort_only = True
-        end.add_module(OUTPUT_OBSERVER, observer)
-        end.register_forward_hook(_observe_output)
+        _attach(end, layer)
         added.append(f"{end_name}.{OUTPUT_OBSERVER}" if end_name else OUTPUT_OBSERVER)
+    return added
+
+
+def _attach(end: nn.Module, layer: nn.Module) -> None:
+    """An observe-only max quantizer on ``end``'s output, with ``layer``'s input format."""
+    desc = dataclasses.replace(layer.input_quantizer.quant_desc, axis=None, unsigned=False, calib_method="max")
+    observer = TensorQuantizer(desc)
+    observer.disable_quant()
+    observer.ort_only = True
+    end.add_module(OUTPUT_OBSERVER, observer)
+    end.register_forward_hook(_observe_output)
+
+
+def _observable_conv(layer: nn.Module) -> bool:
+    return isinstance(layer, QuantMixin) and isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed \
+        and not layer.input_quantizer.quant_desc.is_fp8  # the ONNX Runtime target is INT8 only
+
+
+def add_untraced_output_observers_(model: nn.Module, traced: List[str]) -> List[str]:
+    """Output observers on the quantized convs outside every ``traced`` subtree (called from Python code
+    torch.fx cannot trace, such as a detection head looping over FPN levels); returns their names.
+
+    Their readers are unknown until the model runs: :func:`~trtquant.export.ort_flavor.ort_flavor_` keeps
+    those its run-time dataflow leaves without an output Q (a head's final conv: a model output).
+    """
+    added = []
+    for name, layer in model.named_modules():
+        if not _observable_conv(layer) or hasattr(layer, OUTPUT_OBSERVER) or \
+                any(name == t or name.startswith(t + ".") for t in traced):
+            continue
+        _attach(layer, layer)
+        added.append(f"{name}.{OUTPUT_OBSERVER}")
     return added
 
 
