@@ -215,6 +215,8 @@ def one_model(name: str, family: str, size: int, workdir: Path, speed: bool, per
     torch.manual_seed(0)
     torch.set_num_threads(2)
     row: Dict[str, Any] = {"model": name, "family": family, "size": size}
+    if family == "video":
+        row["frames"] = VIDEO_FRAMES
     t0 = time.perf_counter()
     SIZE_HOLDER["size"] = size
     model = build(name, family)
@@ -373,10 +375,12 @@ def table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 
 
 def main() -> None:
+    global VIDEO_FRAMES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--models", default="", help="comma-separated names (default: every model of the families)")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--frames", type=int, default=VIDEO_FRAMES, help="video clip length (s3d needs >= 14 at 224)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     ap.add_argument("--max-params", type=float, default=0,
                     help="skip models with more parameters (millions, from torchvision's weight metadata); 0 = none")
@@ -386,6 +390,7 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("NAME", "FAMILY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    VIDEO_FRAMES = args.frames
     warnings.filterwarnings("ignore")
     if args.one:
         import logging
@@ -417,7 +422,7 @@ def main() -> None:
                 rows = [r for r in rows if r["model"] != name] + [row]
                 continue
             t = time.perf_counter()
-            cmd = [sys.executable, __file__, "--one", name, fam, "--size", str(args.size)]
+            cmd = [sys.executable, __file__, "--one", name, fam, "--size", str(args.size), "--frames", str(args.frames)]
             cmd += [] if args.speed else ["--no-speed"]
             cmd += [] if args.per_tensor else ["--no-per-tensor"]
             try:

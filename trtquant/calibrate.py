@@ -227,7 +227,15 @@ def collect_statistics(model: nn.Module, data: Data, num_batches: Optional[int] 
                 total = len(data)  # type: ignore[arg-type]
             seen = 0
             for batch in _progress(data, total, "calibrate", progress):
-                run_batch(model, _to_device(batch, device))
+                if seen == 0 and _untraced(model):
+                    from .placement.dataflow import recording  # placement's run-time view, for its groups
+
+                    with recording(model) as flow:
+                        run_batch(model, _to_device(batch, device))
+                    _tie_run_time_readers(model, flow, qs)
+                    del flow
+                else:
+                    run_batch(model, _to_device(batch, device))
                 seen += 1
                 if num_batches is not None and seen >= num_batches:
                     break
@@ -296,7 +304,10 @@ def compute_amax(model: nn.Module, method: str = "entropy", strict: bool = False
         if cal is None or not q.is_enabled:
             continue
         if cal.num_batches == 0:
-            empty.append(name)
+            if q.ort_only:  # an observer for the ONNX Runtime graph: its layer's quantizers are reported
+                q.disable()
+            else:
+                empty.append(name)
             continue
         if cal.saw_nonfinite():
             nonfinite.append(name)
@@ -336,6 +347,29 @@ def disable_unseen(model: nn.Module, names: List[str]) -> None:
         "%d quantizer(s) saw no data during calibration and were disabled (their tensors stay float): %s. "
         "Their layers never ran on the calibration data (unused branch? wrong inputs?); feed data that reaches "
         "them, or pass strict=True to make this an error", len(names), ", ".join(names))
+
+
+def _untraced(model: nn.Module) -> bool:
+    state = getattr(model, "_trtquant_placement", None)
+    return state is not None and not state.traced
+
+
+def _tie_run_time_readers(model: nn.Module, flow: Any, qs: Dict[str, TensorQuantizer]) -> None:
+    """Activation quantizers that read one tensor in code torch.fx could not trace join one amax group.
+
+    Placement ties same-tensor readers only inside traced subtrees; a detector's FPN level read by the next
+    level's conv and by the head (whose quantizers run once per level) is seen only at run time. With one
+    amax their Q/DQ pairs are identical and export merges them: TensorRT gets one INT8 tensor (no B16)."""
+    from .placement.dataflow import shared_reader_groups
+
+    state = model._trtquant_placement  # type: ignore[attr-defined]
+    names = {n for n, q in qs.items() if not q.ort_only and not q.quant_desc.per_channel}
+    known = [set(g) for g in list(state.amax_groups) + list(state.shared_inputs)]
+    for group in shared_reader_groups(flow, names):
+        if any(set(group) <= k for k in known):
+            continue
+        state.amax_groups.append(group)
+        logger.info("calibrate: %s read one tensor at run time: one amax", ", ".join(group))
 
 
 def share_group_amax(model: nn.Module) -> None:

@@ -79,3 +79,40 @@ def test_two_scales_are_reported_and_model_outputs_are_not_covered() -> None:
 
     flow = record_dataflow(Returns().eval(), torch.randn(1, 3, 4, 4))
     assert flow.covering(flow.seen_by["mark"], lambda q: 1) is None
+
+
+class _ExtraLevel(nn.Module):
+    """RetinaNet's FPN extra block: P6 = conv(P5) while a head, whose quantizer runs once per level in a
+    Python loop, reads P5 too. The input-size branch makes the model untraceable, so placement cannot tie
+    the two readers of P5; calibration sees them read one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p5 = nn.Conv2d(3, 8, 3, padding=1)
+        self.p6 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            self.p6.weight.mul_(8.0)  # P6 larger than P5: the head's amax (max over levels) is P6's
+
+    def forward(self, x: torch.Tensor):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        p5 = self.p5(x)
+        levels = [p5, self.p6(p5)]
+        return [self.head(f) for f in levels]
+
+
+def test_readers_of_one_tensor_in_untraced_code_share_amax_and_export_one_pair(tmp_path) -> None:
+    import trtquant
+    from trtquant.export import check_onnx, export_onnx
+
+    model = trtquant.quantize(_ExtraLevel().eval())
+    g = torch.Generator().manual_seed(0)
+    trtquant.calibrate(model, [torch.randn(2, 3, 16, 16, generator=g) for _ in range(2)], method="max",
+                       progress=False)
+    # The head's quantizer saw both levels; P6's input quantizer only P5: without the tie they differ.
+    assert torch.equal(model.p6.input_quantizer.amax, model.head.input_quantizer.amax)
+    path = tmp_path / "extra.onnx"
+    export_onnx(model, torch.randn(1, 3, 16, 16, generator=g), path, exporter="legacy")
+    report = check_onnx(path)
+    assert not report.errors and not [f for f in report.findings if f.rule == "B16-double-qdq"], report

@@ -9,8 +9,9 @@ question :func:`~trtquant.placement.ort_observers.covering_quantizers` asks of a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Dict, Hashable, List, Optional, Set
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Set
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ class Dataflow:
     readers: Dict[int, List[Any]]  # tensor id -> _Op / TensorQuantizer reading it
     model_outputs: Set[int]
     seen_by: Dict[str, int]  # quantizer name -> id of the tensor it read (its last call)
+    quantizer_reads: Dict[int, List[str]] = dataclasses.field(default_factory=dict)  # tensor id -> quantizers
 
     def covering(self, tensor: int, key: Callable[[TensorQuantizer], Optional[Hashable]],
                  depth: int = 0) -> Optional[Set[Hashable]]:
@@ -118,10 +120,12 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def record_dataflow(model: nn.Module, example_inputs: Any) -> Dataflow:
-    """Run ``model`` once on ``example_inputs`` (a tensor or a tuple of positional arguments), recording who
-    reads each tensor. A quantizer that returns its input unchanged (disabled, observe-only) is not a
-    reader: the tensor passes through it."""
+@contextlib.contextmanager
+def recording(model: nn.Module) -> Iterator[Dataflow]:
+    """Record the dataflow of whatever runs ``model`` inside the block (the flow's tensors stay alive until
+    it is dropped). A quantizer that returns its input unchanged (disabled, observe-only, calibrating) is
+    not a reader there - the tensor passes through it - but every quantizer's reads of non-parameter
+    tensors are listed in :attr:`Dataflow.quantizer_reads`."""
     flow = Dataflow({}, set(), {})
     keep: List[Any] = []
     recorder = _Recorder(flow, keep)
@@ -137,7 +141,10 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> Dataflow:
         if not isinstance(x, torch.Tensor):
             return
         keep.extend((x, out))
-        flow.seen_by[names.get(id(q), "")] = id(x)
+        name = names.get(id(q), "")
+        flow.seen_by[name] = id(x)
+        if not isinstance(x, nn.Parameter):
+            flow.quantizer_reads.setdefault(id(x), []).append(name)
         if out is not x:  # it quantizes (or computes): a reader; one returning x lets the tensor pass
             flow.readers.setdefault(id(x), []).append(q)
 
@@ -145,17 +152,44 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> Dataflow:
         if isinstance(m, TensorQuantizer):
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
+    try:
+        with recorder:
+            yield flow
+    finally:
+        for h in handles:
+            h.remove()
+        flow._keep = keep  # type: ignore[attr-defined]  # ids stay unique while the flow is in use
+
+
+def record_dataflow(model: nn.Module, example_inputs: Any) -> Dataflow:
+    """Run ``model`` once on ``example_inputs`` (a tensor or a tuple of positional arguments) under
+    :func:`recording`; the flow knows the model's outputs."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     device = next((p.device for p in model.parameters()), None)
     if device is not None:
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    try:
-        with torch.no_grad(), recorder:
-            out = model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), recording(model) as flow:
+        out = model(*args)
     flow.model_outputs = {id(t) for t in _tensors(out)}
-    keep.append(out)
-    flow._keep = keep  # type: ignore[attr-defined]  # ids stay unique while the flow is in use
+    flow._keep.append(out)  # type: ignore[attr-defined]
     return flow
+
+
+def shared_reader_groups(flow: Dataflow, names: Set[str]) -> List[List[str]]:
+    """Groups (size >= 2) of the quantizers in ``names`` that read one tensor, joined transitively: a head's
+    quantizer called once per FPN level links every quantizer reading any of those levels."""
+    parent: Dict[str, str] = {}
+
+    def root(n: str) -> str:
+        while parent.setdefault(n, n) != n:
+            n = parent[n]
+        return n
+
+    for readers in flow.quantizer_reads.values():
+        members = sorted({r for r in readers if r in names})
+        for other in members[1:]:
+            parent[root(other)] = root(members[0])
+    groups: Dict[str, List[str]] = {}
+    for n in parent:
+        groups.setdefault(root(n), []).append(n)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
