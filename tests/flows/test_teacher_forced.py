@@ -19,13 +19,20 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from trtquant.export import compare, export_onnx  # noqa: E402
-from trtquant.export.parity import activation_quantize_nodes, requantize, teacher_forced  # noqa: E402
+from trtquant.export.parity import activation_quantize_nodes, requantize, screen_indices, teacher_forced  # noqa: E402
 
 MODEL = "resnet18"
 
 
 def _images() -> torch.Tensor:
     return P.image_batches(1, 8, P.SIZES[MODEL], seed=7)[0]
+
+
+@pytest.mark.parametrize("n", [10, 8192, 2**24 + 1, 25690112])
+def test_screen_indices_stay_inside_large_tensors(n: int) -> None:
+    """S3D at 16x224x224: 25,690,112 codes; a float32 linspace put the last index one past the end."""
+    idx = screen_indices(n, 8192)
+    assert int(idx[0]) == 0 and int(idx[-1]) == n - 1 and bool((idx[1:] >= idx[:-1]).all())
 
 
 def test_requantize_rounds_half_to_even_and_saturates() -> None:

@@ -41,7 +41,7 @@ class _Probe(nn.Module):
 
 def _covering(model: _Probe):
     flow = record_dataflow(model.eval(), torch.randn(2, 3, 8, 8))
-    return flow.covering(flow.seen_by["mark"], lambda q: float(q.amax))
+    return flow.covering(flow.seen_by["mark"][0], lambda q: float(q.amax))
 
 
 @pytest.mark.parametrize("after", [
@@ -78,7 +78,7 @@ def test_two_scales_are_reported_and_model_outputs_are_not_covered() -> None:
             return self.mark(self.conv(x))
 
     flow = record_dataflow(Returns().eval(), torch.randn(1, 3, 4, 4))
-    assert flow.covering(flow.seen_by["mark"], lambda q: 1) is None
+    assert flow.covering(flow.seen_by["mark"][0], lambda q: 1) is None
 
 
 class _ExtraLevel(nn.Module):

@@ -112,11 +112,11 @@ def _observers_needed_at_run_time(model: nn.Module, observers: Set[str], example
     flow = record_dataflow(model, example_inputs)
     needed = set()
     for name in observers:
-        seen = flow.seen_by.get(name)
-        if seen is None:
-            continue
-        scales = flow.covering(seen, _scale_key)
-        if scales is None or len(scales) != 1:
+        scales: Optional[Set] = set()
+        for seen in flow.seen_by.get(name, []):  # a head's conv: one call per FPN level, each must be covered
+            below = flow.covering(seen, _scale_key)
+            scales = None if below is None or scales is None else scales | below
+        if name in flow.seen_by and (scales is None or len(scales) != 1):
             needed.add(name)
     return needed
 

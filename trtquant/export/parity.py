@@ -511,7 +511,7 @@ def _match(q: Any, x: Tensor, got: Tensor, graph: _Grid, grids: Mapping[str, _Gr
 
     per_tensor = all(gr.scale.dim() == 0 for gr in grids.values()) and graph.scale.dim() == 0
     if per_tensor and x.numel() > _SCREEN:
-        idx = torch.linspace(0, x.numel() - 1, _SCREEN).long()
+        idx = screen_indices(x.numel(), _SCREEN)
         xs, gs = x.reshape(-1)[idx], got.reshape(-1)[idx]
         shortlist = sorted(grids.values(), key=lambda gr: cost(gr, xs, gs))[:3]
     else:
@@ -520,6 +520,12 @@ def _match(q: Any, x: Tensor, got: Tensor, graph: _Grid, grids: Mapping[str, _Gr
 
 
 _SCREEN = 8192  # codes sampled per candidate grid before the full comparison
+
+
+def screen_indices(n: int, k: int) -> Tensor:
+    """``k`` evenly spread indices into ``n`` elements, first and last included. Integer arithmetic: a float32
+    linspace rounds past the end above 2**24 elements (S3D's 25.7 M-element activations)."""
+    return torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
 
 
 def _scoped(q: Any, grids: Mapping[str, _Grid]) -> Optional[_Grid]:

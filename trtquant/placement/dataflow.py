@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Set
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..quantizer import TensorQuantizer
 from .ort_observers import gives_q
@@ -36,12 +38,22 @@ class _Op:
 
 @dataclasses.dataclass
 class Dataflow:
-    """Readers of every tensor one forward pass made (by ``id``; the tensors are kept alive meanwhile)."""
+    """Readers of every tensor one forward pass made (by :meth:`tensor_id`)."""
 
     readers: Dict[int, List[Any]]  # tensor id -> _Op / TensorQuantizer reading it
     model_outputs: Set[int]
-    seen_by: Dict[str, int]  # quantizer name -> id of the tensor it read (its last call)
+    seen_by: Dict[str, List[int]]  # quantizer name -> ids of the tensors it read, call by call
     quantizer_reads: Dict[int, List[str]] = dataclasses.field(default_factory=dict)  # tensor id -> quantizers
+    _serials: Any = dataclasses.field(default_factory=WeakIdKeyDictionary, repr=False)
+    _counter: Any = dataclasses.field(default_factory=itertools.count, repr=False)
+
+    def tensor_id(self, t: torch.Tensor) -> int:
+        """A number for ``t`` unique over the recording (``id`` is reused once a tensor is freed, and keeping
+        every activation alive would cost a whole forward's memory)."""
+        serial = self._serials.get(t)
+        if serial is None:
+            serial = self._serials[t] = next(self._counter)
+        return serial
 
     def covering(self, tensor: int, key: Callable[[TensorQuantizer], Optional[Hashable]],
                  depth: int = 0) -> Optional[Set[Hashable]]:
@@ -94,9 +106,9 @@ def _copies(name: str, args: tuple, kwargs: dict) -> bool:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, flow: Dataflow, keep: List[Any]):
+    def __init__(self, flow: Dataflow):
         super().__init__()
-        self.flow, self.keep, self.inside = flow, keep, 0
+        self.flow, self.inside = flow, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -108,10 +120,9 @@ class _Recorder(TorchFunctionMode):
             return out
         name = getattr(func, "__name__", str(func))
         consumed = _tensors(args) + _tensors(kwargs)
-        ids = {id(t) for t in consumed}
-        self.keep.extend(consumed + produced)
+        ids = {self.flow.tensor_id(t) for t in consumed}
         copies = _copies(name, args, kwargs)
-        outputs = [id(t) for t in produced if id(t) not in ids]
+        outputs = [i for i in (self.flow.tensor_id(t) for t in produced) if i not in ids]
         if not outputs and copies:  # in place (relu_): the same tensor goes on
             return out
         op = _Op(name, copies, outputs)
@@ -122,13 +133,11 @@ class _Recorder(TorchFunctionMode):
 
 @contextlib.contextmanager
 def recording(model: nn.Module) -> Iterator[Dataflow]:
-    """Record the dataflow of whatever runs ``model`` inside the block (the flow's tensors stay alive until
-    it is dropped). A quantizer that returns its input unchanged (disabled, observe-only, calibrating) is
+    """Record the dataflow of whatever runs ``model`` inside the block. A quantizer that returns its input unchanged (disabled, observe-only, calibrating) is
     not a reader there - the tensor passes through it - but every quantizer's reads of non-parameter
     tensors are listed in :attr:`Dataflow.quantizer_reads`."""
     flow = Dataflow({}, set(), {})
-    keep: List[Any] = []
-    recorder = _Recorder(flow, keep)
+    recorder = _Recorder(flow)
     names = {id(m): n for n, m in model.named_modules()}
     handles = []
 
@@ -140,13 +149,12 @@ def recording(model: nn.Module) -> Iterator[Dataflow]:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
             return
-        keep.extend((x, out))
-        name = names.get(id(q), "")
-        flow.seen_by[name] = id(x)
+        name, tid = names.get(id(q), ""), flow.tensor_id(x)
+        flow.seen_by.setdefault(name, []).append(tid)
         if not isinstance(x, nn.Parameter):
-            flow.quantizer_reads.setdefault(id(x), []).append(name)
+            flow.quantizer_reads.setdefault(tid, []).append(name)
         if out is not x:  # it quantizes (or computes): a reader; one returning x lets the tensor pass
-            flow.readers.setdefault(id(x), []).append(q)
+            flow.readers.setdefault(tid, []).append(q)
 
     for m in model.modules():
         if isinstance(m, TensorQuantizer):
@@ -158,7 +166,6 @@ def recording(model: nn.Module) -> Iterator[Dataflow]:
     finally:
         for h in handles:
             h.remove()
-        flow._keep = keep  # type: ignore[attr-defined]  # ids stay unique while the flow is in use
 
 
 def record_dataflow(model: nn.Module, example_inputs: Any) -> Dataflow:
@@ -170,8 +177,7 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> Dataflow:
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     with torch.no_grad(), recording(model) as flow:
         out = model(*args)
-    flow.model_outputs = {id(t) for t in _tensors(out)}
-    flow._keep.append(out)  # type: ignore[attr-defined]
+    flow.model_outputs = {flow.tensor_id(t) for t in _tensors(out)}
     return flow
 
 
